@@ -1,0 +1,241 @@
+"""Frozen, validated configuration: every architecture choice of the lecture is one field.
+
+`None` means "off". Invalid values or combinations raise `ValueError` at construction, naming the
+field, the value and what is allowed, so no bad config ever reaches `jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Literal
+
+Norm = Literal["layernorm", "rmsnorm", "none"]
+NormPosition = Literal["pre", "post", "sandwich", "post_branch"]
+Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "relu2", "reglu", "geglu", "geglu_tanh", "swiglu"]
+Block = Literal["serial", "parallel"]
+ParallelNorm = Literal["shared", "separate"]
+Position = Literal["sinusoidal", "learned", "rope", "alibi", "relative", "none"]
+QKNorm = Literal["per_head", "full"]
+LayerKind = Literal["global", "local"]
+DType = Literal["float32", "bfloat16", "float16"]
+Remat = Literal["full", "dots", "dots_no_batch"]
+
+GATED_ACTIVATIONS = ("reglu", "geglu", "geglu_tanh", "swiglu")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 frequency scaling of RoPE (long wavelengths slowed by `factor`, smooth in between)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self):
+        _check(self.factor >= 1.0, "rope_scaling.factor", self.factor, "a number >= 1")
+        _check(
+            0 < self.low_freq_factor < self.high_freq_factor,
+            "rope_scaling.low_freq_factor",
+            (self.low_freq_factor, self.high_freq_factor),
+            "0 < low_freq_factor < high_freq_factor",
+        )
+        _check(self.original_max_position > 0, "rope_scaling.original_max_position",
+               self.original_max_position, "a positive integer")
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"ModelConfig.{field}={value!r} is invalid: expected {allowed}")
+
+
+def _literal_values(name: str) -> tuple:
+    hint = typing.get_type_hints(ModelConfig)[name]
+    for arg in (hint, *typing.get_args(hint)):
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg)
+    return ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """One transformer architecture. Each field is one choice of the lecture; `None` is off."""
+
+    # --- sizes ---
+    vocab_size: int = 259  # the byte tokenizer: 256 bytes + specials
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA (Shazeer 2019); divisor = GQA (Ainslie 2023)
+    head_dim: int | None = None  # None = d_model / n_heads (the consensus); Gemma decouples it
+    d_ff: int | None = None  # None = 4 d_model (plain) or 8/3 d_model rounded up (gated), Shazeer 2020
+    d_ff_multiple_of: int = 64  # gated default d_ff is rounded up to a multiple of this (Llama uses 256)
+    max_seq_len: int = 1024  # longest sequence; sizes learned / sinusoidal tables
+
+    # --- normalisation ---
+    norm: Norm = "rmsnorm"  # RMSNorm (Zhang & Sennrich 2019) vs LayerNorm (Ba 2016)
+    norm_position: NormPosition = "pre"  # pre (GPT-2), post (Vaswani 2017), sandwich (Gemma 2), post_branch (OLMo 2)
+    norm_scale: bool = True  # learnable gain
+    norm_bias: bool = False  # learnable bias on LayerNorm (GPT-2 yes, modern models no)
+    norm_eps: float = 1e-5
+
+    # --- biases ---
+    qkv_bias: bool = False  # bias on q/k/v projections (GPT-2, Qwen2)
+    attn_out_bias: bool = False  # bias on the attention output projection (GPT-2)
+    mlp_bias: bool = False  # bias on MLP projections (GPT-2)
+
+    # --- feed-forward ---
+    activation: Activation = "swiglu"  # gated linear units (Shazeer 2020); relu2 = squared ReLU (So 2021)
+
+    # --- block layout ---
+    block: Block = "serial"  # parallel attention + MLP (GPT-J, GPT-NeoX, PaLM)
+    parallel_norm: ParallelNorm = "shared"  # parallel block: one input norm (GPT-J, PaLM) or two (GPT-NeoX)
+
+    # --- positions ---
+    position: Position = "rope"  # RoPE (Su 2021); ALiBi (Press 2021); relative = T5 buckets (Raffel 2020)
+    rope_theta: float = 10_000.0
+    rope_fraction: float = 1.0  # share of each head that RoPE rotates (GPT-NeoX rotates 25%)
+    rope_scaling: RopeScaling | None = None  # Llama-3 frequency scaling for long context
+    relative_buckets: int = 32  # T5 relative-position buckets
+    relative_max_distance: int = 128  # T5: distances past this share the last bucket
+
+    # --- attention ---
+    query_scale: float | None = None  # None = 1/sqrt(head_dim); Gemma 2 uses 1/sqrt(query_pre_attn_scalar)
+    qk_norm: QKNorm | None = None  # norm q and k before the dot product (Dehghani 2023; OLMo 2 "full")
+    attn_logit_softcap: float | None = None  # cap * tanh(logits / cap) on attention logits (Gemma 2: 50)
+    sliding_window: int | None = None  # a local layer sees the last `sliding_window` keys (Mistral, Gemma 2)
+    layer_pattern: tuple[LayerKind, ...] = ("global",)  # repeated over layers; Gemma 2 ("local", "global")
+    document_mask: bool = False  # with segment ids, attention stays inside each packed document
+
+    # --- embeddings and head ---
+    tie_embeddings: bool = True  # head shares the embedding matrix (GPT-2, Gemma)
+    scale_embeddings: bool = False  # multiply embeddings by sqrt(d_model) (Gemma)
+    final_logit_softcap: float | None = None  # cap * tanh(logits / cap) on output logits (Gemma 2: 30)
+    init_std: float = 0.02
+
+    # --- regularisation (the lecture: dropout has disappeared from pre-training) ---
+    embed_dropout: float | None = None
+    resid_dropout: float | None = None  # on each branch output before the residual add
+    attn_dropout: float | None = None  # on attention probabilities
+
+    # --- numerics and compilation ---
+    param_dtype: DType = "float32"
+    dtype: DType = "float32"  # compute dtype of matmuls; softmax, norms and logits stay float32
+    scan_layers: bool = False  # nn.scan over layers: compile time independent of depth
+    remat: Remat | None = None  # rematerialisation policy for each layer
+
+    def __post_init__(self):
+        if isinstance(self.layer_pattern, list):
+            object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        for name in ("norm", "norm_position", "activation", "block", "parallel_norm", "position",
+                     "qk_norm", "param_dtype", "dtype", "remat"):
+            value = getattr(self, name)
+            allowed = _literal_values(name)
+            if value is None and name in ("qk_norm", "remat"):
+                continue
+            _check(value in allowed, name, value, "one of " + ", ".join(map(repr, allowed))
+                   + (" or None" if name in ("qk_norm", "remat") else ""))
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff_multiple_of",
+                     "relative_buckets", "relative_max_distance"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
+                   "a positive integer")
+        for name in ("n_kv_heads", "head_dim", "d_ff", "sliding_window"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
+                   name, value, "a positive integer or None")
+        if self.n_kv_heads is not None:
+            _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+                   f"a divisor of n_heads={self.n_heads} (n_heads for MHA, 1 for MQA)")
+        if self.head_dim is None:
+            _check(self.d_model % self.n_heads == 0, "n_heads", self.n_heads,
+                   f"a divisor of d_model={self.d_model}, or set head_dim explicitly")
+        _check(self.norm_eps > 0, "norm_eps", self.norm_eps, "a positive number")
+        _check(not (self.norm_bias and self.norm != "layernorm"), "norm_bias", self.norm_bias,
+               f"False with norm={self.norm!r} (only LayerNorm has a bias)")
+        _check(not (self.norm == "none" and self.qk_norm is not None), "qk_norm", self.qk_norm,
+               "None when norm='none' (qk_norm uses the model's norm)")
+        _check(not (self.norm == "none" and self.norm_position != "pre"), "norm_position",
+               self.norm_position, "'pre' when norm='none' (there is no norm to place)")
+        _check(not (self.block == "parallel" and self.norm_position != "pre"), "norm_position",
+               self.norm_position, "'pre' with block='parallel' (GPT-J/NeoX/PaLM parallel blocks are pre-norm)")
+        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "a positive number")
+        _check(0.0 < self.rope_fraction <= 1.0, "rope_fraction", self.rope_fraction, "a number in (0, 1]")
+        rotary = int(self.resolved_head_dim * self.rope_fraction)
+        _check(self.position != "rope" or (rotary >= 2 and rotary % 2 == 0), "rope_fraction",
+               self.rope_fraction, f"a fraction giving an even number >= 2 of rotated dims of head_dim="
+               f"{self.resolved_head_dim} (got {rotary})")
+        _check(self.position == "rope" or self.rope_scaling is None, "rope_scaling", self.rope_scaling,
+               f"None with position={self.position!r} (it scales RoPE only)")
+        _check(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
+               self.rope_scaling, "a RopeScaling or None")
+        _check(self.position != "sinusoidal" or self.d_model % 2 == 0, "d_model", self.d_model,
+               "an even number with position='sinusoidal'")
+        for name in ("query_scale", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, value, "a positive number or None (off)")
+        for name in ("embed_dropout", "resid_dropout", "attn_dropout"):
+            value = getattr(self, name)
+            _check(value is None or 0.0 < value < 1.0, name, value, "a rate in (0, 1), or None (off)")
+        _check(len(self.layer_pattern) > 0 and all(k in ("global", "local") for k in self.layer_pattern),
+               "layer_pattern", self.layer_pattern, "a non-empty tuple of 'global' / 'local'")
+        _check(self.n_layers % len(self.layer_pattern) == 0, "layer_pattern", self.layer_pattern,
+               f"a pattern whose length divides n_layers={self.n_layers}")
+        has_local = "local" in self.layer_pattern
+        _check(not has_local or self.sliding_window is not None, "sliding_window", self.sliding_window,
+               "a window size when layer_pattern has 'local' layers")
+        _check(has_local or self.sliding_window is None, "layer_pattern", self.layer_pattern,
+               "a pattern with at least one 'local' layer when sliding_window is set, e.g. ('local',)")
+        _check(self.position not in ("learned", "sinusoidal") or self.max_seq_len <= 1 << 20, "max_seq_len",
+               self.max_seq_len, "at most 2**20 with a position table")
+
+    # ----- derived sizes -----
+    @property
+    def resolved_n_kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    @property
+    def resolved_d_ff(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if not self.gated:
+            return 4 * self.d_model
+        m = self.d_ff_multiple_of
+        return m * math.ceil(8 * self.d_model / 3 / m)
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Post-norm already normalises the stream after the last block; every other position needs one."""
+        return self.norm != "none" and self.norm_position != "post"
+
+    def layer_kind(self, layer: int) -> LayerKind:
+        return self.layer_pattern[layer % len(self.layer_pattern)]
+
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if self.layer_kind(layer) == "local" else None
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig has no field(s) {unknown}; remove them or check the spelling")
+        return cls(**d)

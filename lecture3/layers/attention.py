@@ -1,0 +1,129 @@
+"""Attention: MHA, MQA and GQA from one einsum over kv groups; masks; qk-norm; soft-cap; KV cache.
+
+n_kv_heads = n_heads is MHA, 1 is MQA, a divisor in between is GQA: query head n = k * G + g reads kv head k.
+Masks are built from integer *indices* (place in the stream: causality, windows) and optional segment
+ids (packed documents); position encodings use *positions*, which may restart per document.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from lecture3.config import ModelConfig
+from lecture3.layers.common import DTYPES, constrain, dropout, normal, param, softcap
+from lecture3.layers.norms import NORMS
+from lecture3.layers import positions as pos
+
+NEG_INF = -1e30  # large but finite: a fully masked row gives a uniform softmax, not NaN
+
+
+def attention_mask(q_idx: jax.Array, k_idx: jax.Array, window: int | None = None,
+                   q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> jax.Array:
+    """bool[B, T, S]: causal (k <= q), within the window (q - k < window) and the same segment.
+
+    q_idx: int[B, T], k_idx: int[B, S]. Negative k_idx marks an empty cache slot.
+    """
+    q, k = q_idx[:, :, None], k_idx[:, None, :]
+    mask = (k <= q) & (k >= 0)
+    if window is not None:
+        mask &= q - k < window
+    if q_seg is not None and k_seg is not None:
+        mask &= q_seg[:, :, None] == k_seg[:, None, :]
+    return mask
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                          bias: jax.Array | None = None, scale: float = 1.0, cap: float | None = None,
+                          dropout_fn=None) -> tuple[jax.Array, jax.Array]:
+    """q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, T, S]; bias: [B, N, T, S].
+
+    Returns the output [B, T, N, H] and the largest pre-mask logit (a stability signal).
+    The logits and softmax are float32 whatever the compute dtype.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = softcap(logits, cap)
+    if bias is not None:
+        logits = logits + bias.reshape(bias.shape[0], kv, n // kv, t, -1)
+    max_logit = jnp.max(jnp.where(mask[:, None, None], logits, -jnp.inf))
+    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if dropout_fn is not None:
+        probs = dropout_fn(probs)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+    return out.reshape(b, t, n, h), max_logit
+
+
+class Attention(nn.Module):
+    """Self-attention of one layer. `window` is this layer's sliding window (None = global)."""
+
+    cfg: ModelConfig
+    window: int | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, q_idx: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+                 rel_table: jax.Array | None = None, cache: dict | None = None,
+                 deterministic: bool = True) -> tuple[jax.Array, dict | None]:
+        cfg = self.cfg
+        n, kv, h, d = cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim, cfg.d_model
+        dt = DTYPES[cfg.dtype]
+        init = normal(cfg.init_std)
+
+        def proj(name, heads, head_axis):
+            w = param(self, name, (d, heads, h), ("embed", head_axis, "head_dim"), init, cfg.param_dtype)
+            y = jnp.einsum("btd,dnh->btnh", x.astype(dt), w.astype(dt))
+            if cfg.qkv_bias:
+                y = y + param(self, name + "_bias", (heads, h), (head_axis, "head_dim"),
+                              nn.initializers.zeros, cfg.param_dtype).astype(dt)
+            return y
+
+        q = proj("q", n, "heads")  # [B, T, N, H]
+        k = proj("k", kv, "kv_heads")  # [B, T, K, H]
+        v = proj("v", kv, "kv_heads")
+        if cfg.qk_norm is not None:
+            q, k = self.qk_norm(q, "q_norm"), self.qk_norm(k, "k_norm")
+        if cfg.position == "rope":
+            inv_freq = pos.rope_frequencies(int(h * cfg.rope_fraction), cfg.rope_theta, cfg.rope_scaling)
+            q, k = pos.apply_rope(q, positions, inv_freq), pos.apply_rope(k, positions, inv_freq)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+
+        k_idx, k_pos, k_seg = q_idx, positions, segment_ids
+        if cache is not None:
+            from lecture3.layers.kv_cache import update_cache  # decoding only
+
+            cache, k, v, k_idx, k_pos, k_seg = update_cache(cache, k, v, q_idx, positions, segment_ids)
+        mask = attention_mask(q_idx, k_idx, self.window, segment_ids if cfg.document_mask else None,
+                              k_seg if cfg.document_mask else None)
+        bias = None
+        if cfg.position == "alibi":
+            bias = pos.alibi_bias(positions, k_pos, n)
+        elif cfg.position == "relative":
+            bias = pos.t5_bias(positions, k_pos, rel_table, cfg.relative_max_distance)
+        scale = cfg.query_scale if cfg.query_scale is not None else h ** -0.5
+        drop = None if cfg.attn_dropout is None or deterministic else (
+            lambda p: dropout(self, p, cfg.attn_dropout, deterministic))
+        out, max_logit = dot_product_attention(q, k, v, mask, bias, scale, cfg.attn_logit_softcap, drop)
+        self.sow("intermediates", "max_attn_logit", max_logit)
+        wo = param(self, "o", (n, h, d), ("heads", "head_dim", "embed"),
+                   normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5), cfg.param_dtype)
+        y = jnp.einsum("btnh,nhd->btd", out.astype(dt), wo.astype(dt))
+        if cfg.attn_out_bias:
+            y = y + param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros, cfg.param_dtype).astype(dt)
+        return constrain(y, ("batch", "length", "embed")), cache
+
+    def qk_norm(self, x: jax.Array, name: str) -> jax.Array:
+        """Norm q or k per head ([H] gain) or over the whole projection ([N*H] gain, OLMo 2)."""
+        cfg = self.cfg
+        b, t, heads, h = x.shape
+        width = h if cfg.qk_norm == "per_head" else heads * h
+        axes = ("head_dim",) if cfg.qk_norm == "per_head" else ("norm",)
+        scale = param(self, name, (width,), axes, nn.initializers.ones, cfg.param_dtype) if cfg.norm_scale else None
+        bias = (param(self, name + "_bias", (width,), axes, nn.initializers.zeros, cfg.param_dtype)
+                if cfg.norm_bias else None)
+        flat = x if cfg.qk_norm == "per_head" else x.reshape(b, t, heads * h)
+        return NORMS[cfg.norm](flat, scale, bias, cfg.norm_eps).reshape(b, t, heads, h)

@@ -1,0 +1,38 @@
+"""Parameter creation with logical axis names, dtype handling and dropout shared by all layers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init, dtype):
+    """A parameter tagged with logical axis names, so one table of rules can shard it onto any mesh."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, DTYPES[dtype])
+
+
+def normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def dropout(module: nn.Module, x: jax.Array, rate: float | None, deterministic: bool) -> jax.Array:
+    """Inverted dropout; `rate=None` is off, and so is evaluation (`deterministic=True`)."""
+    if rate is None or deterministic:
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Logit soft-capping (Gemma 2): cap * tanh(x / cap) keeps |x| < cap smoothly; None is off."""
+    if cap is None:
+        return x
+    return cap * jnp.tanh(x / cap)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Shard an activation by logical axes; a no-op when no axis rules are active."""
+    return nn.with_logical_constraint(x, axes)

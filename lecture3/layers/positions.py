@@ -1,0 +1,94 @@
+"""Position schemes as pure functions of integer positions.
+
+Absolute (added to the embeddings): sinusoidal (Vaswani 2017), learned (GPT-1/2/3).
+Relative (inside attention): RoPE (Su 2021) rotates q and k; ALiBi (Press 2021) and T5's bucketed bias
+(Raffel 2020) add a per-head bias to the attention logits. `none` is NoPE: the causal mask alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lecture3.config import RopeScaling
+
+
+def sinusoidal(positions: jax.Array, d: int, base: float = 10_000.0) -> jax.Array:
+    """positions: int[B, T] -> float32[B, T, D]; even dims sin, odd dims cos, as in Vaswani et al."""
+    inv = 1.0 / base ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [D/2]
+    angles = positions[..., None].astype(jnp.float32) * inv  # [B, T, D/2]
+    return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, d)
+
+
+def rope_frequencies(rotary_dims: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Inverse frequencies [rotary_dims / 2]; Llama 3 slows the low frequencies by `scaling.factor`."""
+    inv = 1.0 / theta ** (np.arange(0, rotary_dims, 2, dtype=np.float64) / rotary_dims)
+    if scaling is None:
+        return inv.astype(np.float32)
+    low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / scaling.factor, inv)
+    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate pairs (i, i + R/2) of the first R = 2 len(inv_freq) dims of each head by position * freq.
+
+    x: [B, T, N, H]; positions: int[B, T]. The "rotate half" layout of GPT-NeoX and Hugging Face Llama;
+    dims past R pass through unrotated (GPT-NeoX's partial rotary).
+    """
+    r = 2 * inv_freq.shape[0]
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, R/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, R/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2, rest = x32[..., : r // 2], x32[..., r // 2 : r], x32[..., r:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def alibi_slopes(n_heads: int) -> np.ndarray:
+    """Geometric slopes 2^(-8 i / n); for n not a power of two, interleave those of 2n (Press et al.)."""
+    def power_of_two(n):
+        start = 2 ** (-8.0 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        slopes = power_of_two(n_heads)
+    else:
+        closest = 2 ** math.floor(math.log2(n_heads))
+        slopes = power_of_two(closest) + power_of_two(2 * closest)[0::2][: n_heads - closest]
+    return np.asarray(slopes, dtype=np.float32)
+
+
+def alibi_bias(q_pos: jax.Array, k_pos: jax.Array, n_heads: int) -> jax.Array:
+    """-slope_n * (q - k): int[B, T], int[B, S] -> float32[B, N, T, S]; a linear penalty on distance."""
+    dist = (q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)  # [B, T, S]
+    return -jnp.asarray(alibi_slopes(n_heads))[None, :, None, None] * dist[:, None]
+
+
+def t5_bucket(relative: jax.Array, num_buckets: int, max_distance: int) -> jax.Array:
+    """T5's causal bucketing of k - q: exact for small distances, logarithmic up to max_distance."""
+    n = jnp.maximum(-relative, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    large = max_exact + (
+        jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+        / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).astype(jnp.int32)
+    large = jnp.minimum(large, num_buckets - 1)
+    return jnp.where(is_small, n, large)
+
+
+def t5_bias(q_pos: jax.Array, k_pos: jax.Array, table: jax.Array, max_distance: int) -> jax.Array:
+    """Learned per-head bias of the bucketed distance: table [buckets, N] -> float32[B, N, T, S]."""
+    buckets = t5_bucket(k_pos[:, None, :] - q_pos[:, :, None], table.shape[0], max_distance)  # [B, T, S]
+    return jnp.moveaxis(table.astype(jnp.float32)[buckets], -1, 1)

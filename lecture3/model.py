@@ -1,0 +1,139 @@
+"""The Transformer: embed -> (+ absolute positions) -> layers -> final norm -> head -> soft-cap.
+
+`Transformer(cfg).apply({"params": p}, tokens)` maps int32[B, T] to float32[B, T, V] logits.
+With `scan_layers`, one period of `layer_pattern` (e.g. Gemma 2's local+global pair) is the scanned unit,
+so compile time does not grow with depth; parameters then carry a leading layer axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from lecture3.config import ModelConfig
+from lecture3.layers import positions as pos
+from lecture3.layers.block import Block
+from lecture3.layers.common import DTYPES, constrain, dropout, normal, param, softcap
+from lecture3.layers.norms import Norm
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def block_class(cfg: ModelConfig, scanned: bool):
+    if cfg.remat is None:
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not scanned)
+
+
+class LayerGroup(nn.Module):
+    """One period of `layer_pattern`: the unit that nn.scan repeats n_layers / len(pattern) times."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, caches, q_idx, positions, segment_ids, rel_table):
+        cfg, new = self.cfg, []
+        block = block_class(cfg, scanned=True)
+        for i, kind in enumerate(cfg.layer_pattern):
+            window = cfg.sliding_window if kind == "local" else None
+            x, c = block(cfg, window, self.deterministic, name=f"layer_{i}")(
+                x, q_idx, positions, segment_ids, rel_table, None if caches is None else caches[i])
+            new.append(c)
+        return x, (None if caches is None else tuple(new))
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, cache: tuple | None = None,
+                 q_idx: jax.Array | None = None, deterministic: bool = True):
+        """tokens int32[B, T] -> logits float32[B, T, V] (and the new cache when `cache` is given).
+
+        positions: position of each token for the encodings (default 0..T-1; restarts per document
+        when packing). segment_ids: document ids, used when `cfg.document_mask`. q_idx: place of each
+        token in the stream, for the causal and window masks (default 0..T-1; the cache offset when
+        decoding).
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        dt = DTYPES[cfg.dtype]
+        if q_idx is None:
+            q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if positions is None:
+            positions = q_idx
+
+        embed = param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
+                      normal(cfg.init_std), cfg.param_dtype)
+        x = jnp.take(embed, tokens, axis=0).astype(dt)  # [B, T, D]
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(cfg.d_model ** 0.5, dt)
+        if cfg.position == "learned":
+            table = param(self, "pos_embed", (cfg.max_seq_len, cfg.d_model), ("length", "embed"),
+                          normal(cfg.init_std), cfg.param_dtype)
+            x = x + jnp.take(table, positions, axis=0).astype(dt)
+        elif cfg.position == "sinusoidal":
+            x = x + pos.sinusoidal(positions, cfg.d_model).astype(dt)
+        x = dropout(self, x, cfg.embed_dropout, deterministic)
+        x = constrain(x, ("batch", "length", "embed"))
+
+        rel_table = None
+        if cfg.position == "relative":  # T5: one bucket table shared by all layers
+            rel_table = param(self, "rel_bias", (cfg.relative_buckets, cfg.n_heads), ("relpos", "heads"),
+                              normal(cfg.init_std), cfg.param_dtype)
+
+        if cfg.scan_layers:
+            groups = cfg.n_layers // len(cfg.layer_pattern)
+            scanned = nn.scan(
+                LayerGroup,
+                variable_axes={"params": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=groups,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, cache = scanned(cfg, deterministic, name="layers")(x, cache, q_idx, positions, segment_ids,
+                                                                   rel_table)
+        else:
+            block, new = block_class(cfg, scanned=False), []
+            for layer in range(cfg.n_layers):
+                x, c = block(cfg, cfg.window(layer), deterministic, name=f"layer_{layer}")(
+                    x, q_idx, positions, segment_ids, rel_table, None if cache is None else cache[layer])
+                new.append(c)
+            cache = None if cache is None else tuple(new)
+
+        if cfg.has_final_norm:
+            x = Norm(cfg, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embed.astype(dt), preferred_element_type=jnp.float32)
+        else:
+            head = param(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                         normal(cfg.init_std), cfg.param_dtype)
+            logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        logits = softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
+        logits = constrain(logits, ("batch", "length", "vocab"))
+        return logits if cache is None else (logits, cache)
+
+
+def unstack_layers(cfg: ModelConfig, params: dict) -> list[dict]:
+    """The per-layer parameter dicts, in layer order, whether or not the stack is scanned."""
+    if not cfg.scan_layers:
+        return [params[f"layer_{i}"] for i in range(cfg.n_layers)]
+    p = len(cfg.layer_pattern)
+    return [jax.tree.map(lambda a, g=i // p: a[g], params["layers"][f"layer_{i % p}"])
+            for i in range(cfg.n_layers)]
+
+
+def stack_layers(cfg: ModelConfig, layers: list[dict]) -> dict:
+    """Inverse of `unstack_layers`: the layers entries of a params tree for this config."""
+    if not cfg.scan_layers:
+        return {f"layer_{i}": layer for i, layer in enumerate(layers)}
+    p = len(cfg.layer_pattern)
+    return {"layers": {f"layer_{s}": jax.tree.map(lambda *a: jnp.stack(a), *layers[s::p]) for s in range(p)}}
