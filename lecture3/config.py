@@ -11,6 +11,8 @@ import math
 import typing
 from typing import Literal
 
+from lecture3.data.config import DataConfig
+
 Norm = Literal["layernorm", "rmsnorm", "none"]
 NormPosition = Literal["pre", "post", "sandwich", "post_branch"]
 Activation = Literal["relu", "gelu", "gelu_tanh", "silu", "relu2", "reglu", "geglu", "geglu_tanh", "swiglu"]
@@ -239,3 +241,134 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"ModelConfig has no field(s) {unknown}; remove them or check the spelling")
         return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training, mesh and multi-host configuration
+# ----------------------------------------------------------------------------------------------
+
+Schedule = Literal["cosine", "wsd", "constant", "inverse_sqrt"]
+OnNonFinite = Literal["stop", "skip"]
+
+
+def _fail(cls: str, field: str, value, allowed: str) -> None:
+    raise ValueError(f"{cls}.{field}={value!r} is invalid: expected {allowed}")
+
+
+def _positive_ints(obj, names: tuple[str, ...]) -> None:
+    for name in names:
+        v = getattr(obj, name)
+        if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            _fail(type(obj).__name__, name, v, "a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, schedule, logging and checkpointing of one run."""
+
+    steps: int = 600
+    batch_size: int = 16  # global batch, in sequences
+    lr: float = 3e-3  # peak learning rate
+    final_lr: float = 3e-4  # learning rate at the last step (cosine, wsd, inverse_sqrt)
+    warmup_steps: int = 60
+    schedule: Schedule = "cosine"  # wsd = warmup-stable-decay (Hu et al. 2024, MiniCPM)
+    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying at the end
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float | None = 0.1  # decoupled (AdamW, Loshchilov & Hutter 2019); norms and biases excluded
+    decay_embeddings: bool = False  # also decay the embedding (and tied head) matrix
+    grad_clip: float | None = 1.0  # clip by global norm
+    z_loss: float | None = None  # weight of the z-loss term mean(log^2 Z) (PaLM: 1e-4)
+    on_nonfinite: OnNonFinite = "stop"  # a NaN/Inf loss stops the run, or that update is skipped
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8  # validation batches of the fixed validation set
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    peak_tflops: float | None = None  # per-device peak for MFU; None = a table for GPU/TPU, measured on CPU
+    sample_tokens: int = 120  # tokens of text generated at the end (None-like 0 is not allowed: use 1+)
+    progress: bool = True  # the progress bar
+
+    def __post_init__(self):
+        _positive_ints(self, ("steps", "batch_size", "log_every", "eval_every", "eval_batches",
+                              "checkpoint_every", "keep_checkpoints", "sample_tokens"))
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0 or self.warmup_steps > self.steps:
+            _fail("TrainConfig", "warmup_steps", self.warmup_steps, f"an integer in [0, steps={self.steps}]")
+        if not self.lr > 0:
+            _fail("TrainConfig", "lr", self.lr, "a positive number")
+        if not 0 <= self.final_lr <= self.lr:
+            _fail("TrainConfig", "final_lr", self.final_lr, f"a number in [0, lr={self.lr}]")
+        if self.schedule not in typing.get_args(Schedule):
+            _fail("TrainConfig", "schedule", self.schedule, f"one of {typing.get_args(Schedule)}")
+        if self.on_nonfinite not in typing.get_args(OnNonFinite):
+            _fail("TrainConfig", "on_nonfinite", self.on_nonfinite, f"one of {typing.get_args(OnNonFinite)}")
+        if not 0 < self.decay_fraction <= 1:
+            _fail("TrainConfig", "decay_fraction", self.decay_fraction, "a number in (0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                _fail("TrainConfig", name, getattr(self, name), "a number in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "z_loss", "peak_tflops"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                _fail("TrainConfig", name, v, "a positive number, or None (off)")
+        if not self.eps > 0:
+            _fail("TrainConfig", "eps", self.eps, "a positive number")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; -1 takes the devices left over (at most one axis may be -1)."""
+
+    data: int = -1
+    fsdp: int = 1  # parameters and optimiser state sharded over this axis (ZeRO-3 style)
+    tensor: int = 1  # heads, MLP hidden and vocabulary split over this axis (Megatron style)
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, v in sizes.items():
+            if not (isinstance(v, int) and (v == -1 or v > 0)):
+                _fail("MeshConfig", name, v, "a positive integer or -1 (the rest of the devices)")
+        if list(sizes.values()).count(-1) > 1:
+            _fail("MeshConfig", "data", sizes, "at most one axis set to -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistConfig:
+    """Multi-host set-up for `jax.distributed.initialize`; all None = single process, or auto on TPU/SLURM."""
+
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self):
+        given = [v is not None for v in (self.coordinator_address, self.num_processes, self.process_id)]
+        if any(given) and not all(given):
+            _fail("DistConfig", "coordinator_address", self.coordinator_address,
+                  "coordinator_address, num_processes and process_id all set together (or none)")
+        if self.num_processes is not None and (self.num_processes < 1 or not
+                                                0 <= self.process_id < self.num_processes):
+            _fail("DistConfig", "process_id", self.process_id, f"an integer in [0, {self.num_processes})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run: model, data, training, mesh and multi-host settings."""
+
+    # the default run: a small modern model (pre-RMSNorm, SwiGLU, RoPE) that trains in minutes on a CPU
+    model: ModelConfig = dataclasses.field(
+        default_factory=lambda: ModelConfig(d_model=128, n_layers=4, n_heads=4, max_seq_len=512))
+    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(seq_len=128))
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    dist: DistConfig = dataclasses.field(default_factory=DistConfig)
+
+    def __post_init__(self):
+        m, d = self.model, self.data
+        if m.position in ("learned", "sinusoidal") and d.seq_len > m.max_seq_len:
+            raise ValueError(f"DataConfig.seq_len={d.seq_len} is invalid: expected at most "
+                             f"model.max_seq_len={m.max_seq_len} with position={m.position!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,98 @@
+"""Orbax checkpoints of the train state and the data iterator, with exact resume.
+
+Layout of a workdir:
+    config.json          the resolved config of the run (model, data, train, mesh)
+    checkpoints/<step>/  state (params, optimiser state, step, rng) + data (grain iterator state)
+    metrics.jsonl, tb/   metrics, one JSON object per logged step; TensorBoard events
+A checkpoint that fails to restore is moved aside (never deleted) and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger("lecture3")
+
+
+class CheckpointError(ValueError):
+    """A workdir that cannot be resumed as asked."""
+
+
+def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Human-readable `field: old -> new` lines for every differing (nested) field."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, tuple | list) else a) != (list(b) if isinstance(b, tuple | list) else b):
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def check_resumable(workdir: Path, config: dict, must_match: tuple[str, ...] = ("model", "data")) -> None:
+    """Refuse to resume a workdir trained with a different model or data config."""
+    path = workdir / "config.json"
+    if not path.exists() or not any((workdir / "checkpoints").glob("[0-9]*")):
+        return
+    saved = json.loads(path.read_text())
+    diffs = [d for section in must_match
+             for d in config_diff({section: saved.get(section, {})}, {section: config.get(section, {})})]
+    if diffs:
+        raise CheckpointError(
+            f"{workdir} holds a run with a different config ({'; '.join(diffs)}); resume with the same "
+            f"flags, or start a new run with another --workdir")
+
+
+class Checkpointer:
+    def __init__(self, workdir: Path, keep: int):
+        self.dir = (workdir / "checkpoints").absolute()
+        self.manager = ocp.CheckpointManager(
+            self.dir, item_names=("state", "data"),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def save(self, step: int, state, data_state: dict) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(dataclasses.asdict(state) if dataclasses.is_dataclass(state) else state),
+            data=ocp.args.JsonSave(data_state)))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def restore_latest(self, abstract_state):
+        """(state, data_state, step) from the newest readable checkpoint, or None when there is none."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        target = dataclasses.asdict(abstract_state) if dataclasses.is_dataclass(abstract_state) else abstract_state
+        for step in steps:
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint is unusable
+                aside = self.dir / f"{step}.corrupt-{int(time.time())}"
+                if jax.process_index() == 0:
+                    os.replace(self.dir / str(step), aside)
+                msg = (f"checkpoint {step} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                       f"moved it to {aside.name} and falling back to the previous one")
+                log.warning(msg)
+                print(f"warning: {msg}", flush=True)
+                self.manager.reload()
+                continue
+            state = restored["state"]
+            if dataclasses.is_dataclass(abstract_state):
+                state = type(abstract_state)(**state)
+            return state, restored["data"], step
+        return None

@@ -1,0 +1,163 @@
+"""The pure, sharded train step: `train_step(state, batch) -> (state, metrics)`.
+
+Params are created already sharded (`eval_shape` -> logical specs -> mesh shardings -> `jit(init,
+out_shardings=...)`); the step is jitted once with explicit in/out shardings and donates its state.
+The RNG of step s is `fold_in(seed_key, s)`, so a resumed run draws exactly the same dropout masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lecture3 import losses as L
+from lecture3.config import ModelConfig, TrainConfig
+from lecture3.model import Transformer
+from lecture3.optim import make_optimizer, schedule
+from lecture3.sharding import batch_sharding, tree_shardings
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: updates applied so far
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2]: the run's base key; step s uses fold_in(rng, s)
+
+
+def loss_from_config(train: TrainConfig) -> L.LossFn:
+    terms = {"cross_entropy": None}
+    if train.z_loss is not None:
+        terms["z_loss"] = train.z_loss
+    return L.from_config(terms)
+
+
+def model_inputs(cfg: ModelConfig, batch: Batch) -> dict:
+    """Positions restart per document and segment ids mask across documents only with document_mask."""
+    if not cfg.document_mask:
+        return {}
+    return {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
+
+
+def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: L.LossFn, rng=None):
+    """Loss, its terms, and the stability signals: largest attention logit and mean |log Z|."""
+    deterministic = rng is None
+    logits, inter = model.apply(
+        {"params": params}, batch["inputs"], **model_inputs(model.cfg, batch), deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng}, mutable=["intermediates"])
+    loss, metrics = loss_fn(logits, batch)
+    mask = batch.get("loss_mask", jnp.ones(batch["targets"].shape, jnp.float32))
+    metrics["log_z_abs"] = L.masked_mean(jnp.abs(L.log_z(logits)), mask)
+    sown = jax.tree.leaves(inter.get("intermediates", {}))
+    metrics["max_attn_logit"] = jnp.max(jnp.stack([jnp.max(x) for x in sown])) if sown else jnp.zeros(())
+    return loss, metrics
+
+
+def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: L.LossFn | None = None,
+                    optimizer: optax.GradientTransformation | None = None) -> Callable:
+    """The pure step. `loss_fn` defaults to the config's terms; pass your own composition to add one."""
+    model = Transformer(cfg)
+    loss_fn = loss_from_config(train) if loss_fn is None else loss_fn
+    optimizer = make_optimizer(train) if optimizer is None else optimizer
+    lr_at = schedule(train)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        grad_fn = jax.value_and_grad(lambda p: forward_metrics(model, p, batch, loss_fn, rng), has_aux=True)
+        (loss, metrics), grads = grad_fn(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # a non-finite step never touches the state: "skip" moves on, "stop" leaves the last good state
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        metrics.update(
+            grad_norm=grad_norm,
+            update_ratio=optax.global_norm(updates) / jnp.maximum(optax.global_norm(state.params), 1e-12),
+            lr=lr_at(state.step),
+            finite=finite.astype(jnp.float32),
+        )
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(cfg: ModelConfig) -> Callable:
+    model, ce = Transformer(cfg), L.cross_entropy()
+
+    def eval_step(params, batch: Batch) -> dict:
+        """Summed token loss and token count, so batches of any mask average exactly."""
+        logits = model.apply({"params": params}, batch["inputs"], **model_inputs(cfg, batch))
+        mask = batch.get("loss_mask", jnp.ones(batch["targets"].shape, jnp.float32))
+        loss, _ = ce(logits, batch)
+        return {"loss_sum": loss * mask.sum(), "tokens": mask.sum()}
+
+    return eval_step
+
+
+def _boxed_init(cfg: ModelConfig, train: TrainConfig, optimizer):
+    model = Transformer(cfg)
+
+    def init(rng):
+        tokens = jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
+        params = model.init({"params": rng}, tokens)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                          rng=jax.random.PRNGKey(train.seed + 1))
+
+    return init
+
+
+def state_shardings(cfg: ModelConfig, train: TrainConfig, mesh: Mesh, rules, optimizer=None):
+    """(abstract state, its NamedShardings): from the logical names of an `eval_shape` of init."""
+    optimizer = make_optimizer(train) if optimizer is None else optimizer
+    with nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(_boxed_init(cfg, train, optimizer), jax.random.PRNGKey(train.seed))
+    shardings = tree_shardings(boxed, mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nn.unbox(boxed), shardings)
+    return abstract, shardings
+
+
+def init_state(cfg: ModelConfig, train: TrainConfig, mesh: Mesh, rules, optimizer=None) -> TrainState:
+    """The initial state, created directly in its shards (no full copy on one device)."""
+    optimizer = make_optimizer(train) if optimizer is None else optimizer
+    _, shardings = state_shardings(cfg, train, mesh, rules, optimizer)
+    init = _boxed_init(cfg, train, optimizer)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.PRNGKey(train.seed))
+
+
+def jit_train_step(step_fn: Callable, mesh: Mesh, rules, shardings) -> Callable:
+    """jit with explicit shardings and a donated state; activations are constrained by the same rules."""
+    data = batch_sharding(mesh, rules)
+    replicated = NamedSharding(mesh, P())
+    jitted = jax.jit(step_fn, in_shardings=(shardings, data), out_shardings=(shardings, replicated),
+                     donate_argnums=0)
+
+    def run(state, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch)
+
+    run.jitted = jitted
+    return run
+
+
+def jit_eval_step(eval_fn: Callable, mesh: Mesh, rules, param_shardings) -> Callable:
+    data = batch_sharding(mesh, rules)
+    jitted = jax.jit(eval_fn, in_shardings=(param_shardings, data), out_shardings=NamedSharding(mesh, P()))
+
+    def run(params, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(params, batch)
+
+    return run

@@ -1,0 +1,86 @@
+"""`lecture3 train`: `--preset FAMILY:SIZE --workdir DIR` plus a dotted flag for every config field."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from lecture3.config import Config, DistConfig, MeshConfig, ModelConfig, TrainConfig
+from lecture3.data import DataConfig
+
+SECTIONS = (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("mesh", MeshConfig),
+            ("dist", DistConfig))
+DEFAULT_WORKDIR = "runs/default"
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    from lecture3 import presets
+    from lecture3.cli import add_dataclass_flags
+
+    choices = ", ".join(f"{f}:{{{','.join(presets.sizes(f))}}}" for f in presets.names())
+    parser.add_argument("--preset", default=None, metavar="FAMILY:SIZE",
+                        help=f"start from a named model config, then apply --model.* flags. One of: {choices}")
+    for prefix, cls in SECTIONS:
+        add_dataclass_flags(parser, prefix, cls)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    from lecture3 import presets
+    from lecture3.cli import UsageError, dataclass_from_args
+
+    base = Config()
+    model = base.model
+    if args.preset is not None:
+        family, _, size = args.preset.partition(":")
+        try:
+            model = presets.get(family, size=size or "tiny")
+        except ValueError as e:
+            raise UsageError(f"--preset {args.preset!r}: {e}") from None
+    sections = {"model": model, "data": base.data, "train": base.train, "mesh": base.mesh, "dist": base.dist}
+    built = {p: dataclass_from_args(args, p, cls, sections[p]) for p, cls in SECTIONS}
+    try:
+        return Config(**built)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default=DEFAULT_WORKDIR,
+                        help=f"checkpoints, metrics.jsonl and TensorBoard events; the same command again "
+                             f"resumes (default: {DEFAULT_WORKDIR})")
+    add_config_flags(parser)
+
+
+def _sample(cfg: Config, state, tokenizer, n: int) -> str:
+    import jax
+
+    from lecture3.decoding import generate
+
+    prompt = tokenizer.encode("def ")
+    out = generate(cfg.model, jax.device_get(state.params), [prompt], n, rng=jax.random.PRNGKey(0),
+                   temperature=0.8, top_k=40)
+    return tokenizer.decode([int(t) for t in out[0]])
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from lecture3 import accounting, trainer
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    cfg = config_from_args(args)
+    print(accounting.summary(cfg.model, cfg.data.seq_len))
+    out = trainer.run(cfg, args.workdir)
+    m = out["metrics"]
+    if "val_loss" in m:
+        print(f"step {m['step']}: validation loss {m['val_loss']:.4f} nats/token "
+              f"(perplexity {m['val_ppl']:.2f})")
+    import jax
+
+    if jax.process_index() == 0:
+        print("sample:\n" + _sample(cfg, out["state"], out["tokenizer"], cfg.train.sample_tokens))
+    return 0
+
+
+def command():
+    return ("train a model (the same command again resumes from the latest checkpoint)",
+            _add_train_args, _run_train)
+
