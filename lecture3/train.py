@@ -76,14 +76,14 @@ def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: L.LossFn | No
         (loss, metrics), grads = grad_fn(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # a non-finite step never touches the state: "skip" moves on, "stop" leaves the last good state
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         metrics.update(
             grad_norm=grad_norm,
-            update_ratio=optax.global_norm(updates) / jnp.maximum(optax.global_norm(state.params), 1e-12),
+            update_ratio=optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(state.params), 1e-12),
             lr=lr_at(state.step),
             finite=finite.astype(jnp.float32),
         )

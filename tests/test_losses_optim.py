@@ -1,0 +1,111 @@
+"""Losses as pure functions, the AdamW decay mask, and the schedules."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lecture3 import Transformer, losses
+from lecture3.config import ModelConfig, TrainConfig
+from lecture3.optim import decay_mask, make_optimizer, schedule
+
+
+def _batch(rng, b=2, t=5, v=7):
+    logits = jnp.asarray(rng.normal(size=(b, t, v)) * 3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    mask = jnp.asarray(rng.integers(0, 2, (b, t)), jnp.float32).at[0, 0].set(1.0)
+    return logits, {"targets": targets, "loss_mask": mask}
+
+
+def test_cross_entropy_matches_manual_and_respects_mask():
+    logits, batch = _batch(np.random.default_rng(0))
+    lp = np.asarray(jax.nn.log_softmax(logits))
+    nll = -np.take_along_axis(lp, np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    m = np.asarray(batch["loss_mask"])
+    loss, metrics = losses.cross_entropy()(logits, batch)
+    np.testing.assert_allclose(loss, (nll * m).sum() / m.sum(), rtol=1e-6)
+    assert set(metrics) == {"cross_entropy"}
+    # masked positions do not count: changing their logits changes nothing
+    noisy = jnp.where(batch["loss_mask"][..., None] > 0, logits, logits + 100.0)
+    np.testing.assert_allclose(losses.cross_entropy()(noisy, batch)[0], loss, rtol=1e-6)
+
+
+def test_z_loss_is_weighted_mean_square_log_z_and_float32():
+    logits, batch = _batch(np.random.default_rng(1))
+    logz = np.asarray(jax.nn.logsumexp(logits, -1))
+    m = np.asarray(batch["loss_mask"])
+    value, _ = losses.z_loss(1e-2)(logits.astype(jnp.bfloat16), batch)
+    assert value.dtype == jnp.float32
+    np.testing.assert_allclose(value, 1e-2 * (logz**2 * m).sum() / m.sum(), rtol=2e-2)
+
+
+def test_compose_adds_terms_and_a_user_term_is_one_function():
+    logits, batch = _batch(np.random.default_rng(2))
+
+    def entropy_bonus(logits, batch):  # a user's own term
+        p = jax.nn.softmax(logits)
+        value = -0.1 * (p * jnp.log(p)).sum(-1).mean()
+        return value, {"entropy_bonus": value}
+
+    fn = losses.compose(losses.cross_entropy(), losses.z_loss(1e-4), entropy_bonus)
+    total, metrics = fn(logits, batch)
+    np.testing.assert_allclose(total, metrics["cross_entropy"] + metrics["z_loss"] + metrics["entropy_bonus"],
+                               rtol=1e-6)
+    assert metrics["loss"] == total
+    with pytest.raises(ValueError, match="unknown loss term 'foo'"):
+        losses.from_config({"foo": 1.0})
+    with pytest.raises(ValueError, match="at least one term"):
+        losses.compose()
+
+
+def test_decay_mask_leaves_norms_biases_and_embeddings_undecayed():
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, norm="layernorm", norm_bias=True, qkv_bias=True,
+                      mlp_bias=True, attn_out_bias=True, qk_norm="per_head", position="learned",
+                      tie_embeddings=False, max_seq_len=16)
+    params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    flat = {"/".join(str(k.key) for k in path): v for path, v in
+            jax.tree_util.tree_leaves_with_path(decay_mask(params))}
+    assert flat["layer_0/attn/q"] and flat["layer_0/mlp/up"] and flat["head"]
+    for name in ("layer_0/attn_norm/scale", "layer_0/attn_norm/bias", "layer_0/attn/q_bias", "layer_0/attn/q_norm",
+                 "layer_0/mlp/down_bias", "layer_0/attn/o_bias", "final_norm/scale", "embed", "pos_embed"):
+        assert flat[name] is False, name
+    assert decay_mask(params, decay_embeddings=True)["embed"] is True
+
+    # the optimiser really uses that mask: with zero gradients only decayed leaves move
+    tx = make_optimizer(TrainConfig(lr=0.1, final_lr=0.1, warmup_steps=0, weight_decay=0.5, grad_clip=None))
+    state = tx.init(params)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    assert float(jnp.abs(updates["layer_0"]["attn"]["q"]).max()) > 0
+    for leaf in (updates["layer_0"]["attn_norm"]["scale"], updates["layer_0"]["attn_norm"]["bias"],
+                 updates["embed"], updates["layer_0"]["attn"]["q_bias"]):
+        chex.assert_trees_all_equal(leaf, jnp.zeros_like(leaf))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd", "constant", "inverse_sqrt"])
+def test_schedules_warm_up_then_reach_their_final_lr(kind):
+    cfg = TrainConfig(schedule=kind, steps=100, warmup_steps=10, lr=1.0, final_lr=0.1)
+    f = schedule(cfg)
+    lrs = np.array([float(f(s)) for s in range(100)])
+    np.testing.assert_allclose(lrs[:10], np.arange(1, 11) / 10, rtol=1e-6)
+    assert lrs.max() <= 1.0 + 1e-6 and lrs.min() >= 0.1 - 1e-6
+    if kind == "constant":
+        np.testing.assert_allclose(lrs[10:], 1.0)
+    elif kind == "inverse_sqrt":
+        np.testing.assert_allclose(lrs[40], np.sqrt(10 / 40), rtol=1e-5)
+    else:
+        np.testing.assert_allclose(lrs[-1], 0.1, rtol=1e-5)
+    if kind == "wsd":
+        np.testing.assert_allclose(lrs[10:82], 1.0)  # stable until the last 20% of the post-warmup steps
+
+
+def test_optimizer_clips_by_global_norm():
+    tx = optax.chain(make_optimizer(TrainConfig(grad_clip=1.0)))
+    params = {"w": jnp.ones((3,))}
+    state = tx.init(params)
+    # Adam normalises, so compare the clipped first moment instead of the update
+    _, state = tx.update({"w": jnp.full((3,), 100.0)}, state, params)
+    mu = state[0][1][0].mu["w"]  # chain -> (clip, adamw chain) -> scale_by_adam state
+    np.testing.assert_allclose(float(jnp.linalg.norm(mu)), (1 - 0.9) * 1.0, rtol=1e-5)
