@@ -146,6 +146,9 @@ class ModelConfig:
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
                    "a positive integer")
+        for f in dataclasses.fields(self):
+            if f.type == "bool":
+                _check(isinstance(getattr(self, f.name), bool), f.name, getattr(self, f.name), "True or False")
         for name in ("n_kv_heads", "head_dim", "d_ff", "sliding_window"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
@@ -165,18 +168,28 @@ class ModelConfig:
                self.norm_position, "'pre' when norm='none' (there is no norm to place)")
         _check(not (self.block == "parallel" and self.norm_position != "pre"), "norm_position",
                self.norm_position, "'pre' with block='parallel' (GPT-J/NeoX/PaLM parallel blocks are pre-norm)")
+        _check(not (self.block == "serial" and self.parallel_norm != "shared"), "parallel_norm",
+               self.parallel_norm, "'shared' with block='serial' (only a parallel block has a second input norm)")
         _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "a positive number")
         _check(0.0 < self.rope_fraction <= 1.0, "rope_fraction", self.rope_fraction, "a number in (0, 1]")
         rotary = int(self.resolved_head_dim * self.rope_fraction)
         _check(self.position != "rope" or (rotary >= 2 and rotary % 2 == 0), "rope_fraction",
                self.rope_fraction, f"a fraction giving an even number >= 2 of rotated dims of head_dim="
                f"{self.resolved_head_dim} (got {rotary})")
+        _check(self.position == "rope" or self.rope_fraction == 1.0, "rope_fraction", self.rope_fraction,
+               f"1.0 with position={self.position!r} (it is the share of each head that RoPE rotates)")
         _check(self.position == "rope" or self.rope_scaling is None, "rope_scaling", self.rope_scaling,
                f"None with position={self.position!r} (it scales RoPE only)")
         _check(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
                self.rope_scaling, "a RopeScaling or None")
         _check(self.position != "sinusoidal" or self.d_model % 2 == 0, "d_model", self.d_model,
                "an even number with position='sinusoidal'")
+        _check(self.relative_buckets >= 2, "relative_buckets", self.relative_buckets,
+               "at least 2 (half are exact distances, half logarithmic)")
+        _check(self.relative_max_distance > self.relative_buckets // 2, "relative_max_distance",
+               self.relative_max_distance, f"more than relative_buckets // 2 = {self.relative_buckets // 2} "
+               "(the exact buckets); T5's log bucketing divides by log(max_distance / that)")
+        _check(self.init_std > 0, "init_std", self.init_std, "a positive number")
         for name in ("query_scale", "attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)
             _check(value is None or value > 0, name, value, "a positive number or None (off)")

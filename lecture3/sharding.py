@@ -11,7 +11,8 @@ import logging
 import math
 
 import jax
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from lecture3.config import MeshConfig, ModelConfig
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lecture3 import data as D
 from lecture3 import sharding as S
@@ -53,6 +52,10 @@ def peak_flops_per_device(configured_tflops: float | None) -> float:
 def init_distributed(cfg: Config) -> None:
     """jax.distributed from explicit flags, or auto-detected on a TPU pod / SLURM job."""
     d = cfg.dist
+    if jax.distributed.is_initialized():
+        return
+    # CPU processes need a collectives backend to talk to each other; accelerators ignore this
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if d.coordinator_address is not None:
         jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","):

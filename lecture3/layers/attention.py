@@ -7,14 +7,14 @@ ids (packed documents); position encodings use *positions*, which may restart pe
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from lecture3.config import ModelConfig
+from lecture3.layers import positions as pos
 from lecture3.layers.common import DTYPES, constrain, dropout, normal, param, softcap
 from lecture3.layers.norms import NORMS
-from lecture3.layers import positions as pos
 
 NEG_INF = -1e30  # large but finite: a fully masked row gives a uniform softmax, not NaN
 

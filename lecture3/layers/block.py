@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-import jax
 import flax.linen as nn
+import jax
 
 from lecture3.config import ModelConfig
 from lecture3.layers.attention import Attention

@@ -6,9 +6,9 @@ Gated:  down(act(gate(x)) * up(x))        d_ff = 8/3 d_model by default: three m
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from lecture3.config import ModelConfig
 from lecture3.layers.common import DTYPES, constrain, normal, param

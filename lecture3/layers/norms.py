@@ -5,9 +5,9 @@ Both compute in float32 whatever the activation dtype: the variance of a bf16 ve
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from lecture3.config import ModelConfig
 from lecture3.layers.common import param

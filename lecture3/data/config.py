@@ -1,0 +1,72 @@
+"""`DataConfig`, the one frozen config of the data subsystem, and `DataError`, its user-error type.
+
+Paths are not checked here: a config may be written on one machine and run on another, so missing
+files, empty globs and unknown datasets are reported as `DataError` when the data is first opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+# `bpe:N`: a byte-level BPE of N tokens. Below 259 it could not hold the 256 bytes and its specials.
+_BPE = re.compile(r"bpe:(\d+)")
+MIN_BPE_VOCAB = 259
+TOKENIZER_FILE_SUFFIXES = (".json", ".model")
+
+
+class DataError(ValueError):
+    """Bad user input to the data subsystem: the message names the problem and the fix."""
+
+
+def _check(ok: bool, field: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"DataConfig.{field}={value!r} is invalid: expected {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from, how it becomes tokens, and how it is packed, shuffled and held out."""
+
+    source: str = "stdlib"  # stdlib (this Python's standard library) | files:GLOB | tfds:NAME[:SPLIT]
+    tokenizer: str = "bytes"  # bytes | bpe:N (trained on the train split) | path to tokenizer.json / .model
+    seq_len: int = 256  # tokens per training row; rows hold seq_len + 1 so targets are inputs shifted by one
+    data_dir: str | None = None  # built data and tokenizers; None: $LECTURE3_DATA_DIR or ~/.cache/lecture3
+    tfds_data_dir: str | None = None  # prepared tfds datasets; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+    tfds_val_split: str | None = None  # held-out split of a tfds: source; None: "validation", else "test"
+    seed: int = 0  # shuffle seed; documents are reshuffled every epoch from it
+    val_sequences: int = 64  # rows of seq_len + 1 tokens in the fixed validation set
+    val_fraction: float = 0.03  # share of local documents hashed (by relative path) into validation
+    num_workers: int = 0  # grain worker processes (0: in this process); the batch order depends on it
+    cache_tokens: bool | None = None  # tokenize once into the cache; None: local sources and tfds under 1 GiB
+
+    def __post_init__(self):
+        _check(
+            self.source == "stdlib"
+            or (self.source.startswith("files:") and len(self.source) > len("files:"))
+            or (self.source.startswith("tfds:") and len(self.source) > len("tfds:")),
+            "source", self.source, "stdlib, files:GLOB or tfds:NAME[:SPLIT]",
+        )
+        tok = self.tokenizer
+        bpe = _BPE.fullmatch(tok)
+        _check(
+            tok == "bytes" or (bpe is not None and int(bpe.group(1)) >= MIN_BPE_VOCAB)
+            or (not tok.startswith("bpe:") and tok.endswith(TOKENIZER_FILE_SUFFIXES)),
+            "tokenizer", tok,
+            f"bytes, bpe:N with N >= {MIN_BPE_VOCAB}, or a path ending in .json (tokenizers) or .model "
+            "(sentencepiece)",
+        )
+        _check(self.seq_len >= 1, "seq_len", self.seq_len, "an integer >= 1")
+        _check(self.val_sequences >= 1, "val_sequences", self.val_sequences, "an integer >= 1")
+        _check(0.0 < self.val_fraction < 1.0, "val_fraction", self.val_fraction, "a number in (0, 1)")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        for name in ("data_dir", "tfds_data_dir", "tfds_val_split"):
+            value = getattr(self, name)
+            _check(value is None or value != "", name, value, "None or a non-empty string")
+
+    @property
+    def cache_dir(self) -> str:
+        """The folder that holds built datasets and trained tokenizers."""
+        path = self.data_dir or os.environ.get("LECTURE3_DATA_DIR") or "~/.cache/lecture3"
+        return os.path.abspath(os.path.expanduser(path))

@@ -1,0 +1,57 @@
+"""Corpus statistics: documents, bytes, tokens and bytes per token of each split, and a decoded sample."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lecture3.data.config import DataConfig
+from lecture3.data.pipeline import validation_rows
+from lecture3.data.sources import open_corpus
+from lecture3.data.token_cache import cached_tokens, tokenize_records, use_token_cache
+from lecture3.data.tokenizer import load_tokenizer
+
+_SAMPLE_CHARS = 400
+
+
+def corpus_stats(cfg: DataConfig, *, max_documents: int | None = None,
+                 progress: bool = False) -> dict[str, Any]:
+    """Builds the corpus, tokenizer and token cache if needed, then counts documents, bytes and tokens.
+
+    A corpus read through the token cache is counted whole from it; any other is tokenized here,
+    its first `max_documents` per split if given.
+    """
+    corpus = open_corpus(cfg, progress=progress)
+    tokenizer = load_tokenizer(cfg, progress=progress)
+    empty = {"documents": 0, "bytes": 0, "tokens": 0, "invalid_utf8_replaced": 0}
+    if use_token_cache(cfg, corpus):
+        counts = cached_tokens(cfg, corpus, tokenizer, progress=progress)[1]
+    else:
+        counts = {}
+        for role in ("train", "validation"):
+            if corpus.splits[role] is None:
+                continue
+            records = corpus.records(role, max_documents)
+            if progress:
+                from tqdm import tqdm
+
+                n = len(corpus.source(role))
+                records = tqdm(records, total=n if max_documents is None else min(n, max_documents),
+                               desc=f"tokenizing {role}", unit="doc")
+            c = counts[role] = dict(empty)
+            for ids, n_bytes, replaced in tokenize_records(records, tokenizer, corpus.text_feature):
+                c["documents"] += 1
+                c["bytes"] += n_bytes
+                c["tokens"] += len(ids)
+                c["invalid_utf8_replaced"] += replaced
+    stats: dict[str, Any] = {"source": cfg.source, "tokenizer": cfg.tokenizer,
+                             "vocab_size": tokenizer.vocab_size}
+    for role in ("train", "validation"):
+        c = {**empty, **counts.get(role, {})}
+        stats[role] = {**c, "bytes_per_token": c["bytes"] / c["tokens"] if c["tokens"] else float("nan")}
+    # Building the fixed validation set checks that it holds at least one row of seq_len + 1.
+    stats["validation_sequences"] = len(validation_rows(cfg, corpus, tokenizer)["inputs"])
+    first = next(corpus.texts("train", 1), "")
+    ids = tokenizer.encode(first[:_SAMPLE_CHARS])
+    stats["sample"] = tokenizer.decode(ids)
+    stats["sample_tokens"] = len(ids)
+    return stats

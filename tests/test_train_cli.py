@@ -1,0 +1,162 @@
+"""End to end: `lecture3 train` on a tiny real corpus, SIGKILL + resume, multi-process, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from train_helpers import cli_flags, tiny_config
+
+from lecture3 import cli, trainer
+
+REPO = Path(__file__).resolve().parents[1]
+NONDETERMINISTIC = {"tokens_per_s", "mfu"}
+
+
+def _env():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _train_cmd(workdir, flags):
+    return [sys.executable, "-m", "lecture3", "train", "--workdir", str(workdir), *flags]
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_metrics(a, b):
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b, strict=True):
+        assert set(x) == set(y)
+        for k in x:
+            if k not in NONDETERMINISTIC:
+                assert x[k] == pytest.approx(y[k], rel=1e-6, abs=1e-7), (x["step"], k)
+
+
+def test_sigkill_then_same_command_resumes_exactly(tmp_path):
+    cfg = tiny_config(tmp_path, steps=40, checkpoint_every=10, eval_every=20)
+    flags = cli_flags(cfg)
+    full = subprocess.run(_train_cmd(tmp_path / "full", flags), env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert full.returncode == 0, full.stderr[-2000:]
+    assert "validation loss" in full.stdout and "sample:" in full.stdout
+
+    wd = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(wd, flags), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        path = wd / "metrics.jsonl"
+        steps = [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
+        # kill once checkpoint 10 is committed (orbax renames it into place) and training has gone on
+        if steps and steps[-1] >= 12 and (wd / "checkpoints" / "10").is_dir():
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _metrics(wd)[-1]["step"]
+    assert 12 <= killed_at < 40, "the run must be killed in the middle for this test to mean anything"
+
+    resumed = subprocess.run(_train_cmd(wd, flags), env=_env(), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step" in resumed.stdout
+    _assert_same_metrics(_metrics(wd), _metrics(tmp_path / "full"))
+    assert (wd / "config.json").exists() and list((wd / "tb").iterdir())
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, steps=6, checkpoint_every=3)
+    trainer.run(cfg, tmp_path / "wd", echo=print)
+    ckpt = tmp_path / "wd" / "checkpoints"
+    for f in (ckpt / "6").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    capsys.readouterr()
+    import dataclasses
+
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=9))
+    out = trainer.run(longer, tmp_path / "wd", echo=print)
+    printed = capsys.readouterr().out
+    assert "checkpoint 6 is unreadable" in printed and "resuming from step 3" in printed
+    assert out["metrics"]["step"] == 9
+    assert any(p.name.startswith("6.corrupt-") for p in ckpt.iterdir())  # moved aside, not deleted
+    assert [m["step"] for m in _metrics(tmp_path / "wd")] == list(range(1, 10))
+
+
+def _main(argv, capsys):
+    code = cli.main(argv)
+    return code, capsys.readouterr().err.strip()
+
+
+def test_bad_input_gets_one_clear_line(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    flags = cli_flags(cfg)
+    wd = str(tmp_path / "wd")
+
+    code, err = _main(["train", "--preset", "llama9:tiny", "--workdir", wd], capsys)
+    assert code == 2 and "unknown" in err.lower() and "llama3" in err and len(err.splitlines()) == 1
+
+    code, err = _main(["train", "--preset", "llama3:huge", "--workdir", wd], capsys)
+    assert code == 2 and "huge" in err and "tiny" in err
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model.no-such-flag", "1"])
+    assert e.value.code == 2 and "unrecognized arguments: --model.no-such-flag" in capsys.readouterr().err
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--model.norm", "batchnorm"])
+    assert e.value.code == 2 and "invalid choice: 'batchnorm'" in capsys.readouterr().err
+
+    code, err = _main(["train", "--model.n-kv-heads", "3", "--workdir", wd], capsys)
+    assert code == 2 and err.startswith("error: ModelConfig.n_kv_heads=3 is invalid")
+
+    code, err = _main(["train", *flags, "--mesh.data", "3", "--workdir", wd], capsys)
+    assert code == 2 and "does not match the 8 devices" in err
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a dir")
+    code, err = _main(["train", *flags, "--workdir", str(blocker / "sub")], capsys)
+    assert code == 2 and "cannot be written" in err and "--workdir" in err
+    assert blocker.read_text() == "not a dir"
+
+
+def test_resume_with_a_different_model_lists_the_fields(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, steps=3)
+    trainer.run(cfg, tmp_path / "wd")
+    flags = cli_flags(cfg)
+    i = flags.index("--model.n-kv-heads")
+    flags[i + 1] = "4"
+    code, err = _main(["train", *flags, "--model.norm", "layernorm", "--workdir", str(tmp_path / "wd")], capsys)
+    assert code == 2
+    assert "model.n_kv_heads: 2 -> 4" in err and "model.norm: 'rmsnorm' -> 'layernorm'" in err
+
+
+def test_two_processes_match_one(tmp_path):
+    script = REPO / "tests" / "scripts" / "two_process_steps.py"
+    env = _env()
+    env.pop("XLA_FLAGS")
+    ref = subprocess.run([sys.executable, str(script), str(tmp_path / "ref.json"), str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "multi.json"), str(tmp_path), str(i),
+                               addr], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    ref_out, multi_out = (json.loads((tmp_path / n).read_text()) for n in ("ref.json", "multi.json"))
+    assert multi_out["processes"] == 2 and multi_out["devices"] == 8 and ref_out["processes"] == 1
+    assert multi_out["losses"] == pytest.approx(ref_out["losses"], abs=1e-5)
