@@ -7,9 +7,9 @@ so compile time does not grow with depth; parameters then carry a leading layer 
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from lecture3.config import ModelConfig
 from lecture3.layers import positions as pos
