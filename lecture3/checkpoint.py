@@ -96,3 +96,34 @@ class Checkpointer:
                 state = type(abstract_state)(**state)
             return state, restored["data"], step
         return None
+
+
+def load_config(workdir: Path):
+    """The resolved Config saved next to a run's checkpoints."""
+    from lecture3.config import Config, DistConfig, MeshConfig, ModelConfig, TrainConfig
+    from lecture3.data import DataConfig
+
+    path = Path(workdir) / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{workdir} has no config.json: is it the --workdir of a `lecture3 train` run?")
+    raw = json.loads(path.read_text())
+    return Config(model=ModelConfig.from_dict(raw["model"]), data=DataConfig(**raw["data"]),
+                  train=TrainConfig(**raw["train"]), mesh=MeshConfig(**raw["mesh"]), dist=DistConfig(**raw["dist"]))
+
+
+def load_for_inference(workdir: str | os.PathLike):
+    """(ModelConfig, params, tokenizer) from the newest readable checkpoint of a training run."""
+    from lecture3 import sharding as S
+    from lecture3 import train as T
+    from lecture3.config import MeshConfig
+    from lecture3.data import load_tokenizer
+
+    workdir = Path(workdir)
+    cfg = load_config(workdir)
+    mesh = S.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    rules = S.axis_rules(cfg.model, mesh, 1)
+    abstract, _ = T.state_shardings(cfg.model, cfg.train, mesh, rules)
+    restored = Checkpointer(workdir, cfg.train.keep_checkpoints).restore_latest(abstract)
+    if restored is None:
+        raise CheckpointError(f"{workdir} has no checkpoint yet; train first (`lecture3 train --workdir {workdir}`)")
+    return cfg.model, restored[0].params, load_tokenizer(cfg.data)

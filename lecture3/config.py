@@ -307,8 +307,9 @@ class TrainConfig:
     def __post_init__(self):
         _positive_ints(self, ("steps", "batch_size", "log_every", "eval_every", "eval_batches",
                               "checkpoint_every", "keep_checkpoints", "sample_tokens"))
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0 or self.warmup_steps > self.steps:
-            _fail("TrainConfig", "warmup_steps", self.warmup_steps, f"an integer in [0, steps={self.steps}]")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            _fail("TrainConfig", "warmup_steps", self.warmup_steps, "an integer >= 0 (a run shorter than its "
+                  "warmup only warms up)")
         if not self.lr > 0:
             _fail("TrainConfig", "lr", self.lr, "a positive number")
         if not 0 <= self.final_lr <= self.lr:

@@ -1,0 +1,110 @@
+"""`lecture3 generate`: continue prompts with a trained or a Hugging Face model, using the KV cache.
+
+    lecture3 generate --workdir runs/tiny --prompt "Once upon a time" --max-new-tokens 64
+    lecture3 generate --hf path/to/llama --prompt "The capital of France is" --temperature 0.7 --top-p 0.9
+    lecture3 generate --hf path/to/model-without-tokenizer --tokens 1,2,3 --tokens 4,5
+
+--hf reads a directory that `lecture3.hf.load_pretrained` reads; its tokenizer is the directory's
+tokenizer.json (encoded as transformers would, special tokens such as BOS included). Without one, give
+prompts as token ids with --tokens. --prompt and --tokens may be repeated: one batch, one row each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import jax
+
+
+def add_generate_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of `lecture3 generate`."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="a training run's directory: generate from its latest checkpoint")
+    source.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint directory (config.json, "
+                        "model.safetensors, optionally tokenizer.json)")
+    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                        help="text to continue (needs a tokenizer); repeat for a batch")
+    parser.add_argument("--tokens", action="append", default=[], metavar="IDS",
+                        help="a prompt as comma-separated token ids, e.g. 1,2,3; repeat for a batch")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else sample")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of mass p")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+
+
+class _FileTokenizer:
+    """A tokenizer.json through `tokenizers`, encoding as transformers' tokenizer(text) does."""
+
+    def __init__(self, path: pathlib.Path):
+        from tokenizers import Tokenizer
+
+        self._tok = Tokenizer.from_file(str(path))
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _load(args: argparse.Namespace):
+    """(cfg, params, tokenizer or None) from --hf or --workdir."""
+    if args.hf is not None:
+        from lecture3 import hf
+
+        path = pathlib.Path(args.hf)
+        if not (path / "config.json").is_file():
+            raise ValueError(f"--hf {path}: no config.json there; point it at a save_pretrained directory")
+        cfg, params = hf.load_pretrained(path)
+        tokenizer = _FileTokenizer(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+        return cfg, params, tokenizer
+    path = pathlib.Path(args.workdir)
+    if not path.is_dir():
+        raise ValueError(f"--workdir {path}: no such directory")
+    from lecture3.checkpoint import load_for_inference
+
+    return load_for_inference(path)
+
+
+def _prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+    prompts = []
+    for text in args.tokens:
+        try:
+            prompts.append([int(t) for t in text.replace(" ", "").split(",") if t])
+        except ValueError:
+            raise ValueError(f"--tokens {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    if args.prompt and tokenizer is None:
+        raise ValueError(f"{args.hf} has no tokenizer.json: give the prompt as token ids with --tokens 1,2,3")
+    prompts += [tokenizer.encode(text) for text in args.prompt]
+    if not prompts:
+        raise ValueError("nothing to continue: give --prompt TEXT or --tokens IDS")
+    return prompts
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Load the model, generate, print each row (text when there is a tokenizer, else ids); 0 if done."""
+    from lecture3.decoding import generate
+
+    try:
+        cfg, params, tokenizer = _load(args)
+        prompts = _prompts(args, tokenizer)
+        start = time.perf_counter()
+        out = generate(cfg, params, prompts, args.max_new_tokens, rng=jax.random.key(args.seed),
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    except ValueError as e:  # bad input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    for row, prompt in enumerate(prompts):
+        ids = out[row, : len(prompt) + args.max_new_tokens].tolist()
+        if tokenizer is None:
+            print(" ".join(map(str, ids)))
+        else:
+            print(tokenizer.decode(ids))
+    n = len(prompts) * args.max_new_tokens
+    print(f"[{n} tokens in {seconds:.2f} s, compilation included]", file=sys.stderr)
+    return 0
