@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -65,22 +66,26 @@ class Checkpointer:
             self.dir, item_names=("state", "data"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
-    def save(self, step: int, state, data_state: dict) -> None:
+    def save(self, step: int, state, iterator) -> None:
+        """Saves the state and the grain iterator (each process writes its own iterator position)."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(dataclasses.asdict(state) if dataclasses.is_dataclass(state) else state),
-            data=ocp.args.JsonSave(data_state)))
+            data=grain.checkpoint.CheckpointSave(iterator)))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
-    def restore_latest(self, abstract_state):
-        """(state, data_state, step) from the newest readable checkpoint, or None when there is none."""
+    def restore_latest(self, abstract_state, iterator=None):
+        """(state, step) from the newest readable checkpoint, or None when there is none; `iterator` (if
+        given) is moved to the position saved with that state."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         target = dataclasses.asdict(abstract_state) if dataclasses.is_dataclass(abstract_state) else abstract_state
         for step in steps:
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+                items = {"state": ocp.args.StandardRestore(target)}
+                if iterator is not None:
+                    items["data"] = grain.checkpoint.CheckpointRestore(iterator)
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint is unusable
                 aside = self.dir / f"{step}.corrupt-{int(time.time())}"
                 if jax.process_index() == 0:
@@ -94,7 +99,7 @@ class Checkpointer:
             state = restored["state"]
             if dataclasses.is_dataclass(abstract_state):
                 state = type(abstract_state)(**state)
-            return state, restored["data"], step
+            return state, step
         return None
 
 
@@ -123,7 +128,7 @@ def load_for_inference(workdir: str | os.PathLike):
     mesh = S.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     rules = S.axis_rules(cfg.model, mesh, 1)
     abstract, _ = T.state_shardings(cfg.model, cfg.train, mesh, rules)
-    restored = Checkpointer(workdir, cfg.train.keep_checkpoints).restore_latest(abstract)
+    restored = Checkpointer(workdir, cfg.train.keep_checkpoints).restore_latest(abstract)  # params only
     if restored is None:
         raise CheckpointError(f"{workdir} has no checkpoint yet; train first (`lecture3 train --workdir {workdir}`)")
     return cfg.model, restored[0].params, load_tokenizer(cfg.data)

@@ -71,8 +71,8 @@ def _run_train(args: argparse.Namespace) -> int:
     out = trainer.run(cfg, args.workdir)
     m = out["metrics"]
     if "val_loss" in m:
-        print(f"step {m['step']}: validation loss {m['val_loss']:.4f} nats/token "
-              f"(perplexity {m['val_ppl']:.2f})")
+        print(f"step {m['step']}: validation loss {m['val_loss']:.4f} nats/token (perplexity "
+              f"{m['val_ppl']:.2f}); unigram entropy of the validation tokens {out['unigram_entropy']:.4f}")
     import jax
 
     if jax.process_index() == 0:

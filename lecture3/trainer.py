@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lecture3 import data as D
 from lecture3 import sharding as S
@@ -115,12 +116,11 @@ def run(cfg: Config, workdir: str | os.PathLike, *, loss_fn=None, echo=print) ->
     iterator = D.make_train_iterator(cfg.data, tcfg.batch_size, process_index=pi, process_count=pc)
     val = D.validation_batches(cfg.data, tcfg.batch_size)[: tcfg.eval_batches]
     ckpt = Checkpointer(workdir, tcfg.keep_checkpoints)
-    restored = ckpt.restore_latest(abstract)
+    restored = ckpt.restore_latest(abstract, iterator)
     if restored is None:
         state, start = T.init_state(mcfg, tcfg, mesh, rules, optimizer), 0
     else:
-        state, data_state, start = restored
-        iterator.set_state(data_state)
+        state, start = restored
         echo(f"resuming from step {start} in {workdir}")
     if pi == 0:
         write_json_atomic(workdir / "config.json", cfg.to_dict())
@@ -182,7 +182,7 @@ def run(cfg: Config, workdir: str | os.PathLike, *, loss_fn=None, echo=print) ->
             if bar is not None:
                 bar.update(1)
             if done % tcfg.checkpoint_every == 0 or done == tcfg.steps:
-                ckpt.save(done, state, iterator.get_state())
+                ckpt.save(done, state, iterator)
     finally:
         ckpt.wait()
         if pi == 0:
@@ -193,4 +193,12 @@ def run(cfg: Config, workdir: str | os.PathLike, *, loss_fn=None, echo=print) ->
     if start >= tcfg.steps:
         echo(f"{workdir} already holds step {start} of {tcfg.steps}; nothing to train")
         record = {"step": start, **evaluate(state.params)}
-    return {"state": state, "metrics": record, "tokenizer": tokenizer}
+    return {"state": state, "metrics": record, "tokenizer": tokenizer, "unigram_entropy": unigram_entropy(val)}
+
+
+def unigram_entropy(batches: list[dict]) -> float:
+    """Entropy (nats) of the validation tokens' own frequencies: the best loss any unigram model gets there."""
+    targets = np.concatenate([b["targets"][b["loss_mask"] > 0] for b in batches])
+    p = np.bincount(targets) / len(targets)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import pytest
 from train_helpers import cli_flags, tiny_config
 
@@ -160,3 +161,26 @@ def test_two_processes_match_one(tmp_path):
     ref_out, multi_out = (json.loads((tmp_path / n).read_text()) for n in ("ref.json", "multi.json"))
     assert multi_out["processes"] == 2 and multi_out["devices"] == 8 and ref_out["processes"] == 1
     assert multi_out["losses"] == pytest.approx(ref_out["losses"], abs=1e-5)
+
+
+def test_generate_from_a_training_run(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, steps=3)
+    out = trainer.run(cfg, tmp_path / "wd")
+    code = cli.main(["generate", "--workdir", str(tmp_path / "wd"), "--prompt", "import ", "--max-new-tokens", "6"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "import " in printed
+    # the checkpoint's params are the trained ones: greedy tokens equal those of the in-memory state
+    from lecture3 import generate
+    from lecture3.checkpoint import load_for_inference
+
+    model_cfg, params, tok = load_for_inference(tmp_path / "wd")
+    assert model_cfg == cfg.model
+    prompt = [tok.encode("import ")]
+    a = generate(model_cfg, params, prompt, 6)
+    b = generate(cfg.model, jax.device_get(out["state"].params), prompt, 6)
+    assert (a == b).all()
+    code = cli.main(["generate", "--workdir", str(tmp_path / "nothing"), "--prompt", "x"])
+    assert code == 2 and "no such directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    code = cli.main(["generate", "--workdir", str(tmp_path / "empty"), "--prompt", "x"])
+    assert code == 2 and "no config.json" in capsys.readouterr().err
