@@ -7,6 +7,7 @@ field, the value and what is allowed, so no bad config ever reaches `jit`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from typing import Literal
@@ -53,6 +54,7 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
         raise ValueError(f"ModelConfig.{field}={value!r} is invalid: expected {allowed}")
 
 
+@functools.cache
 def _literal_values(name: str) -> tuple:
     hint = typing.get_type_hints(ModelConfig)[name]
     for arg in (hint, *typing.get_args(hint)):

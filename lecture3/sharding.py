@@ -82,7 +82,7 @@ def axis_rules(cfg: ModelConfig, mesh: Mesh, batch_size: int) -> tuple[tuple[str
                 continue
             dim = sizes.get(name)
             if dim is not None and dim % (n * math.prod(mesh.shape[a] for a in kept)):
-                log.info("sharding: %s=%d is not divisible by mesh axis %s=%d; replicated on %s",
+                log.warning("sharding: %s=%d is not divisible by mesh axis %s=%d; replicated on %s",
                          name, dim, axis, n, axis)
                 continue
             kept.append(axis)
