@@ -6,9 +6,13 @@ files, empty globs and unknown datasets are reported as `DataError` when the dat
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
 
 # `bpe:N`: a byte-level BPE of N tokens. Below 259 it could not hold the 256 bytes and its specials.
 _BPE = re.compile(r"bpe:(\d+)")
@@ -70,3 +74,23 @@ class DataConfig:
         """The folder that holds built datasets and trained tokenizers."""
         path = self.data_dir or os.environ.get("LECTURE3_DATA_DIR") or "~/.cache/lecture3"
         return os.path.abspath(os.path.expanduser(path))
+
+
+@contextlib.contextmanager
+def build_atomically(final: str, prefix: str = ".tmp-") -> Iterator[str]:
+    """A hidden temporary folder beside `final`, renamed to `final` only when the block completes.
+
+    An error or an interrupt leaves nothing half-built; a concurrent builder that finished first wins.
+    """
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):  # not a concurrent builder that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -24,14 +24,13 @@ import re
 import shutil
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lecture3.data.config import DataConfig, DataError
+from lecture3.data.config import DataConfig, DataError, build_atomically
 from lecture3.data.text_builder import Lecture3Text
 
 # Bump when the built dataset's layout or the split rule changes: it invalidates every cache entry.
@@ -116,9 +115,7 @@ def build_local(cfg: DataConfig, kind: str, root: str, files: Files, *, progress
     datasets = os.path.join(cfg.cache_dir, "datasets")
     final = os.path.join(datasets, f"{kind}-{tag}{fingerprint[:16]}")
     if not os.path.isdir(final):
-        os.makedirs(datasets, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".tmp-{kind}-", dir=datasets)
-        try:
+        with build_atomically(final, prefix=f".tmp-{kind}-") as tmp:
             tfds.display_progress_bar(progress)
             builder = Lecture3Text(documents=split_files(files, cfg.val_fraction), data_dir=tmp,
                                    file_format="array_record")
@@ -126,13 +123,6 @@ def build_local(cfg: DataConfig, kind: str, root: str, files: Files, *, progress
             with contextlib.redirect_stdout(sys.stderr if progress else io.StringIO()):
                 builder.download_and_prepare(file_format="array_record")
             shutil.rmtree(os.path.join(tmp, "downloads"), ignore_errors=True)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not os.path.isdir(final):  # not a concurrent builder that won the race
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return os.path.join(final, _BUILDER_SUBDIR)
 
 

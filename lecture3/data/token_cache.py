@@ -19,13 +19,11 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from lecture3.data.config import DataConfig
+from lecture3.data.config import DataConfig, build_atomically
 from lecture3.data.sources import Corpus, text_of
 from lecture3.data.tokenizer import Tokenizer
 
@@ -117,21 +115,12 @@ def cached_tokens(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer, *,
     root = os.path.join(cfg.cache_dir, "tokens")
     folder = os.path.join(root, f"{corpus.fingerprint}-{key.hexdigest()[:16]}")
     if not os.path.isdir(folder):
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
-        try:
+        with build_atomically(folder) as tmp:
             dtype = "uint16" if tokenizer.vocab_size <= 2**16 else "int32"
             roles = [r for r in ("train", "validation") if corpus.splits[r] is not None]
             stats = {r: _write_split(tmp, r, corpus, tokenizer, dtype, progress) for r in roles}
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump({"dtype": dtype, "tokenizer": tokenizer.name, "stats": stats}, f)
-            try:
-                os.rename(tmp, folder)
-            except OSError:
-                if not os.path.isdir(folder):  # not a concurrent builder that won the race
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     splits = {r: TokenizedSplit(folder, r, meta["dtype"], tokenizer.eos_id) for r in meta["stats"]}
