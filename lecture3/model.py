@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from lecture3.config import ModelConfig
 from lecture3.layers import positions as pos
 from lecture3.layers.block import Block
-from lecture3.layers.common import DTYPES, constrain, dropout, normal, param, softcap
+from lecture3.layers.common import DTYPES, constrain, dense, dropout, normal, param, softcap
 from lecture3.layers.norms import Norm
 
 REMAT_POLICIES = {
@@ -112,11 +112,11 @@ class Transformer(nn.Module):
         if cfg.has_final_norm:
             x = Norm(cfg, name="final_norm")(x)
         if cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embed.astype(dt), preferred_element_type=jnp.float32)
+            logits = dense(x, embed.astype(dt).T, preferred_element_type=jnp.float32)  # [B, T, V]
         else:
             head = param(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
                          normal(cfg.init_std), cfg.param_dtype)
-            logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+            logits = dense(x, head.astype(dt), preferred_element_type=jnp.float32)
         logits = softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
         logits = constrain(logits, ("batch", "length", "vocab"))
         return logits if cache is None else (logits, cache)

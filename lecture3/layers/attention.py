@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from lecture3.config import ModelConfig
 from lecture3.layers import positions as pos
-from lecture3.layers.common import DTYPES, constrain, dropout, normal, param, softcap
+from lecture3.layers.common import DTYPES, constrain, dense, dropout, normal, param, softcap
 from lecture3.layers.norms import NORMS
 
 NEG_INF = -1e30  # large but finite: a fully masked row gives a uniform softmax, not NaN
@@ -75,7 +75,7 @@ class Attention(nn.Module):
 
         def proj(name, heads, head_axis):
             w = param(self, name, (d, heads, h), ("embed", head_axis, "head_dim"), init, cfg.param_dtype)
-            y = jnp.einsum("btd,dnh->btnh", x.astype(dt), w.astype(dt))
+            y = dense(x.astype(dt), w.astype(dt))  # [B, T, heads, H]
             if cfg.qkv_bias:
                 y = y + param(self, name + "_bias", (heads, h), (head_axis, "head_dim"),
                               nn.initializers.zeros, cfg.param_dtype).astype(dt)
@@ -111,7 +111,7 @@ class Attention(nn.Module):
         self.sow("intermediates", "max_attn_logit", max_logit)
         wo = param(self, "o", (n, h, d), ("heads", "head_dim", "embed"),
                    normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5), cfg.param_dtype)
-        y = jnp.einsum("btnh,nhd->btd", out.astype(dt), wo.astype(dt))
+        y = dense(out.astype(dt), wo.astype(dt), n_in=2)  # [B, T, D]
         if cfg.attn_out_bias:
             y = y + param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros, cfg.param_dtype).astype(dt)
         return constrain(y, ("batch", "length", "embed")), cache

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,3 +38,17 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Shard an activation by logical axes; a no-op when no axis rules are active."""
     return nn.with_logical_constraint(x, axes)
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, preferred_element_type=None) -> jax.Array:
+    """Contract the last `n_in` axes of x with the first `n_in` axes of w as one 2-D matmul.
+
+    Same maths as the einsum ("btd,dnh->btnh", "btnh,nhd->btd", ...); written as [B*T, in] @ [in, out]
+    because XLA's CPU backend otherwise surrounds the 4-D einsums (and their gradients) with layout
+    transposes that cost about as much as the matmuls (benchmarks/train_step_vs_torch.py).
+    """
+    lead, inner = x.shape[: x.ndim - n_in], x.shape[x.ndim - n_in:]
+    out = w.shape[n_in:]
+    k = math.prod(inner)
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *out)

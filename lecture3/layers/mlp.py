@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lecture3.config import ModelConfig
-from lecture3.layers.common import DTYPES, constrain, normal, param
+from lecture3.layers.common import DTYPES, constrain, dense, normal, param
 
 
 def relu2(x: jax.Array) -> jax.Array:
@@ -36,17 +36,17 @@ ACTIVATIONS = {
 def mlp(x: jax.Array, up: jax.Array, down: jax.Array, act, gate: jax.Array | None = None,
         up_bias=None, down_bias=None, gate_bias=None) -> jax.Array:
     """x: [B, T, D]; up, gate: [D, F]; down: [F, D]. Gated when `gate` is given."""
-    h = jnp.einsum("btd,df->btf", x, up)
+    h = dense(x, up)  # [B, T, F]
     if up_bias is not None:
         h = h + up_bias
     if gate is None:
         h = act(h)
     else:
-        g = jnp.einsum("btd,df->btf", x, gate)
+        g = dense(x, gate)
         if gate_bias is not None:
             g = g + gate_bias
         h = act(g) * h
-    y = jnp.einsum("btf,fd->btd", h, down)
+    y = dense(h, down)  # [B, T, D]
     return y if down_bias is None else y + down_bias
 
 
