@@ -149,7 +149,7 @@ class ModelConfig:
             _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
                    "a positive integer")
         for f in dataclasses.fields(self):
-            if f.type == "bool":
+            if f.type in ("bool", bool):
                 _check(isinstance(getattr(self, f.name), bool), f.name, getattr(self, f.name), "True or False")
         for name in ("n_kv_heads", "head_dim", "d_ff", "sliding_window"):
             value = getattr(self, name)

@@ -64,6 +64,9 @@ class Transformer(nn.Module):
         """
         cfg = self.cfg
         b, t = tokens.shape
+        if cfg.position == "learned" and t > cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} is longer than max_seq_len={cfg.max_seq_len}, the learned "
+                             "position table; shorten the sequences or raise max_seq_len")
         dt = DTYPES[cfg.dtype]
         if q_idx is None:
             q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
