@@ -64,11 +64,17 @@ def init_distributed(cfg: Config) -> None:
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """After a resume, drop the entries a killed run wrote past the checkpoint it is resumed from."""
+    """After a resume, drop the entries a killed run wrote past the checkpoint it is resumed from
+    (and a last line that a kill cut in half)."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)

@@ -29,8 +29,11 @@ def _train_cmd(workdir, flags):
     return [sys.executable, "-m", "lecture3", "train", "--workdir", str(workdir), *flags]
 
 
-def _metrics(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+def _metrics(workdir, complete_only=False):
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    if complete_only and lines and not lines[-1].endswith("}"):
+        lines = lines[:-1]  # a SIGKILL can cut the last line
+    return [json.loads(line) for line in lines]
 
 
 def _assert_same_metrics(a, b):
@@ -43,7 +46,7 @@ def _assert_same_metrics(a, b):
 
 
 def test_sigkill_then_same_command_resumes_exactly(tmp_path):
-    cfg = tiny_config(tmp_path, steps=40, checkpoint_every=10, eval_every=20)
+    cfg = tiny_config(tmp_path, steps=150, checkpoint_every=25, eval_every=50)
     flags = cli_flags(cfg)
     full = subprocess.run(_train_cmd(tmp_path / "full", flags), env=_env(), capture_output=True, text=True,
                           timeout=600)
@@ -56,15 +59,16 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     deadline = time.time() + 600
     while time.time() < deadline:
         path = wd / "metrics.jsonl"
-        steps = [json.loads(x)["step"] for x in path.read_text().splitlines()] if path.exists() else []
-        # kill once checkpoint 10 is committed (orbax renames it into place) and training has gone on
-        if steps and steps[-1] >= 12 and (wd / "checkpoints" / "10").is_dir():
+        lines = path.read_text().splitlines() if path.exists() else []
+        steps = [json.loads(x)["step"] for x in lines[:-1]]  # the last line may be half written
+        # kill once checkpoint 25 is committed (orbax renames it into place) and training has gone on
+        if steps and steps[-1] >= 30 and (wd / "checkpoints" / "25").is_dir():
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed_at = _metrics(wd)[-1]["step"]
-    assert 12 <= killed_at < 40, "the run must be killed in the middle for this test to mean anything"
+    killed_at = _metrics(wd, complete_only=True)[-1]["step"]
+    assert 30 <= killed_at < 150, "the run must be killed in the middle for this test to mean anything"
 
     resumed = subprocess.run(_train_cmd(wd, flags), env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -184,3 +188,10 @@ def test_generate_from_a_training_run(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code = cli.main(["generate", "--workdir", str(tmp_path / "empty"), "--prompt", "x"])
     assert code == 2 and "no config.json" in capsys.readouterr().err
+
+
+def test_resume_drops_metrics_past_the_checkpoint_and_a_line_cut_by_a_kill(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+    trainer._truncate_metrics(path, 2)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
