@@ -16,3 +16,16 @@ tempfile.tempdir = _TMP
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def little_xla_optimisation():
+    """Ask XLA for little optimisation work while a module runs: tiny models compile far more than they
+    compute, so this halves the CPU time of the sweep and property tests; their results do not depend on it."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)

@@ -30,14 +30,8 @@ SEGMENTS = jnp.array([[0] * 5 + [1] * 7, [0] * 7 + [1] * 5])
 BASE = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, init_std=0.25)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def little_xla_optimisation():
-    """Tiny models compile far more than they compute: ask XLA for little optimisation work while this file
-    runs (about half the CPU time of these tests; nothing here depends on it but speed)."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+# tiny models compile far more than they compute: see conftest.little_xla_optimisation
+pytestmark = pytest.mark.usefixtures("little_xla_optimisation")
 
 
 def init(cfg: ModelConfig, seed: int = 0) -> dict:

@@ -24,14 +24,8 @@ SEGMENTS = jnp.array([[0] * 4 + [1] * 8, [0] * 9 + [1] * 3])
 SIZES = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def little_xla_optimisation():
-    """Tiny models compile far more than they compute: ask XLA for little optimisation work while this file
-    runs (about half the CPU time of the sweep; nothing here depends on it but speed)."""
-    old = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+# tiny models compile far more than they compute: see conftest.little_xla_optimisation
+pytestmark = pytest.mark.usefixtures("little_xla_optimisation")
 
 # axis -> values; the first value is the default (or "off"). A value is a dict of ModelConfig fields.
 AXES: dict[str, list[dict]] = {
