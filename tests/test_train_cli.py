@@ -195,3 +195,25 @@ def test_resume_drops_metrics_past_the_checkpoint_and_a_line_cut_by_a_kill(tmp_p
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
     trainer._truncate_metrics(path, 2)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from lecture3 import losses
+
+    cfg = tiny_config(tmp_path, steps=3, checkpoint_every=3)
+    trainer.run(cfg, tmp_path / "wd")
+    poisoned = losses.compose(losses.cross_entropy(), lambda logits, batch: (jnp.float32(jnp.nan), {}))
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=6))
+    with pytest.raises(trainer.TrainingError, match=r"non-finite loss at step 4; .*checkpoint \(step 3\) is intact"):
+        trainer.run(longer, tmp_path / "wd", loss_fn=poisoned)
+    assert sorted(p.name for p in (tmp_path / "wd" / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
+    # the checkpoint still restores and training goes on from it
+    assert trainer.run(longer, tmp_path / "wd")["metrics"]["step"] == 6
+
+    skipping = dataclasses.replace(longer, train=dataclasses.replace(longer.train, on_nonfinite="skip", steps=8))
+    out = trainer.run(skipping, tmp_path / "wd", loss_fn=poisoned)
+    assert out["metrics"]["step"] == 8 and out["metrics"]["finite"] == 0.0
