@@ -44,8 +44,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     """
     b, t, n, h = q.shape
     kv = k.shape[2]
-    qg = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    # heads-major layouts, so both matmuls are plain batched [T, H] x [H, S] products over (B, K, G)
+    qg = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    logits = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     logits = softcap(logits, cap)
     if bias is not None:
         logits = logits + bias.reshape(bias.shape[0], kv, n // kv, t, -1)
@@ -54,8 +56,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout_fn is not None:
         probs = dropout_fn(probs)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
-    return out.reshape(b, t, n, h), max_logit
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v)  # [B, K, G, T, H]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), max_logit
 
 
 class Attention(nn.Module):
