@@ -16,7 +16,7 @@ import numpy as np
 from lecture3 import data as D
 from lecture3 import sharding as S
 from lecture3 import train as T
-from lecture3.checkpoint import Checkpointer, check_resumable, write_json_atomic
+from lecture3.checkpoint import Checkpointer, CheckpointError, check_resumable, write_json_atomic
 from lecture3.config import Config
 
 log = logging.getLogger("lecture3")
@@ -92,7 +92,7 @@ def check_workdir(workdir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise D.DataError(f"workdir {workdir} cannot be written ({e.strerror}); choose another --workdir") from None
+        raise CheckpointError(f"workdir {workdir} cannot be written ({e.strerror}); choose another --workdir") from None
 
 
 def run(cfg: Config, workdir: str | os.PathLike, *, loss_fn=None, echo=print) -> dict:
