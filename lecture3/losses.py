@@ -18,7 +18,8 @@ import jax.numpy as jnp
 LossFn = Callable[[jax.Array, Mapping[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]]
 
 
-def _mask(batch: Mapping[str, jax.Array]) -> jax.Array:
+def loss_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """float32[B, T]: the batch's `loss_mask`, or ones when it has none."""
     targets = batch["targets"]
     mask = batch.get("loss_mask")
     return jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -39,7 +40,7 @@ def cross_entropy(name: str = "cross_entropy") -> LossFn:
     def fn(logits, batch):
         logits = logits.astype(jnp.float32)
         target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-        loss = masked_mean(log_z(logits) - target_logit, _mask(batch))
+        loss = masked_mean(log_z(logits) - target_logit, loss_mask(batch))
         return loss, {name: loss}
 
     return fn
@@ -49,7 +50,7 @@ def z_loss(weight: float = 1e-4, name: str = "z_loss") -> LossFn:
     """weight * mean(log^2 Z): keeps the softmax normaliser near 1 (PaLM, Chowdhery et al. 2022: 1e-4)."""
 
     def fn(logits, batch):
-        loss = weight * masked_mean(jnp.square(log_z(logits)), _mask(batch))
+        loss = weight * masked_mean(jnp.square(log_z(logits)), loss_mask(batch))
         return loss, {name: loss}
 
     return fn

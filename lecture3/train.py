@@ -56,7 +56,7 @@ def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: L.LossFn,
         {"params": params}, batch["inputs"], **model_inputs(model.cfg, batch), deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng}, mutable=["intermediates"])
     loss, metrics = loss_fn(logits, batch)
-    mask = batch.get("loss_mask", jnp.ones(batch["targets"].shape, jnp.float32))
+    mask = L.loss_mask(batch)
     metrics["log_z_abs"] = L.masked_mean(jnp.abs(L.log_z(logits)), mask)
     sown = jax.tree.leaves(inter.get("intermediates", {}))
     metrics["max_attn_logit"] = jnp.max(jnp.stack([jnp.max(x) for x in sown])) if sown else jnp.zeros(())
@@ -99,7 +99,7 @@ def make_eval_step(cfg: ModelConfig) -> Callable:
     def eval_step(params, batch: Batch) -> dict:
         """Summed token loss and token count, so batches of any mask average exactly."""
         logits = model.apply({"params": params}, batch["inputs"], **model_inputs(cfg, batch))
-        mask = batch.get("loss_mask", jnp.ones(batch["targets"].shape, jnp.float32))
+        mask = L.loss_mask(batch)
         loss, _ = ce(logits, batch)
         return {"loss_sum": loss * mask.sum(), "tokens": mask.sum()}
 
@@ -129,10 +129,13 @@ def state_shardings(cfg: ModelConfig, train: TrainConfig, mesh: Mesh, rules, opt
     return abstract, shardings
 
 
-def init_state(cfg: ModelConfig, train: TrainConfig, mesh: Mesh, rules, optimizer=None) -> TrainState:
-    """The initial state, created directly in its shards (no full copy on one device)."""
+def init_state(cfg: ModelConfig, train: TrainConfig, mesh: Mesh, rules, optimizer=None,
+               shardings=None) -> TrainState:
+    """The initial state, created directly in its shards (no full copy on one device). Pass the
+    `shardings` of `state_shardings` when you have them, to skip a second `eval_shape` of init."""
     optimizer = make_optimizer(train) if optimizer is None else optimizer
-    _, shardings = state_shardings(cfg, train, mesh, rules, optimizer)
+    if shardings is None:
+        _, shardings = state_shardings(cfg, train, mesh, rules, optimizer)
     init = _boxed_init(cfg, train, optimizer)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(jax.random.PRNGKey(train.seed))
@@ -144,21 +147,21 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, rules, shardings) -> Callable:
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(step_fn, in_shardings=(shardings, data), out_shardings=(shardings, replicated),
                      donate_argnums=0)
-
-    def run(state, batch):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted(state, batch)
-
-    run.jitted = jitted
-    return run
+    return _under_mesh(jitted, mesh, rules)
 
 
 def jit_eval_step(eval_fn: Callable, mesh: Mesh, rules, param_shardings) -> Callable:
     data = batch_sharding(mesh, rules)
     jitted = jax.jit(eval_fn, in_shardings=(param_shardings, data), out_shardings=NamedSharding(mesh, P()))
+    return _under_mesh(jitted, mesh, rules)
 
-    def run(params, batch):
+
+def _under_mesh(jitted: Callable, mesh: Mesh, rules) -> Callable:
+    """Call `jitted` with the mesh and the axis rules active, so tracing applies the activation constraints."""
+
+    def run(*args):
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return jitted(params, batch)
+            return jitted(*args)
 
+    run.jitted = jitted
     return run

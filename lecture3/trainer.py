@@ -16,7 +16,7 @@ import numpy as np
 from lecture3 import data as D
 from lecture3 import sharding as S
 from lecture3 import train as T
-from lecture3.checkpoint import Checkpointer, CheckpointError, check_resumable, write_json_atomic
+from lecture3.checkpoint import Checkpointer, CheckpointError, check_resumable, write_json_atomic, write_text_atomic
 from lecture3.config import Config
 
 log = logging.getLogger("lecture3")
@@ -75,9 +75,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def _local_rows(batch: dict, process_index: int, process_count: int) -> dict:
@@ -124,7 +122,7 @@ def run(cfg: Config, workdir: str | os.PathLike, *, loss_fn=None, echo=print) ->
     ckpt = Checkpointer(workdir, tcfg.keep_checkpoints)
     restored = ckpt.restore_latest(abstract, iterator)
     if restored is None:
-        state, start = T.init_state(mcfg, tcfg, mesh, rules, optimizer), 0
+        state, start = T.init_state(mcfg, tcfg, mesh, rules, optimizer, shardings), 0
     else:
         state, start = restored
         echo(f"resuming from step {start} in {workdir}")
