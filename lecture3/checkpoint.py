@@ -20,10 +20,12 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from lecture3.errors import Lecture3Error
+
 log = logging.getLogger("lecture3")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(Lecture3Error):
     """A workdir that cannot be resumed as asked."""
 
 

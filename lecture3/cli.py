@@ -23,9 +23,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from lecture3.data import DataConfig, DataError, corpus_stats
+from lecture3.errors import Lecture3Error
 
 
-class UsageError(ValueError):
+class UsageError(Lecture3Error):
     """A flag value that the config rejected; reported like any other bad input."""
 
 

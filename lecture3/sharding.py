@@ -15,6 +15,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lecture3.config import MeshConfig, ModelConfig
+from lecture3.errors import Lecture3Error
 
 log = logging.getLogger("lecture3")
 
@@ -36,7 +37,7 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(Lecture3Error):
     """The mesh sizes do not fit the devices or the batch."""
 
 

@@ -18,11 +18,12 @@ from lecture3 import sharding as S
 from lecture3 import train as T
 from lecture3.checkpoint import Checkpointer, CheckpointError, check_resumable, write_json_atomic, write_text_atomic
 from lecture3.config import Config
+from lecture3.errors import Lecture3Error
 
 log = logging.getLogger("lecture3")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Lecture3Error, RuntimeError):
     """The run itself failed (e.g. a non-finite loss); the last good checkpoint is intact."""
 
 

@@ -14,13 +14,15 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+from lecture3.errors import Lecture3Error
+
 # `bpe:N`: a byte-level BPE of N tokens. Below 259 it could not hold the 256 bytes and its specials.
 _BPE = re.compile(r"bpe:(\d+)")
 MIN_BPE_VOCAB = 259
 TOKENIZER_FILE_SUFFIXES = (".json", ".model")
 
 
-class DataError(ValueError):
+class DataError(Lecture3Error):
     """Bad user input to the data subsystem: the message names the problem and the fix."""
 
 
