@@ -13,6 +13,7 @@ import typing
 from typing import Literal
 
 from lecture3.data.config import DataConfig
+from lecture3.errors import Lecture3Error
 
 Norm = Literal["layernorm", "rmsnorm", "none"]
 NormPosition = Literal["pre", "post", "sandwich", "post_branch"]
@@ -22,6 +23,7 @@ ParallelNorm = Literal["shared", "separate"]
 Position = Literal["sinusoidal", "learned", "rope", "alibi", "relative", "none"]
 QKNorm = Literal["per_head", "full"]
 LayerKind = Literal["global", "local"]
+RopeLayout = Literal["half", "interleaved"]
 DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["full", "dots", "dots_no_batch"]
 
@@ -102,6 +104,7 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     rope_fraction: float = 1.0  # share of each head that RoPE rotates (GPT-NeoX rotates 25%)
     rope_scaling: RopeScaling | None = None  # Llama-3 frequency scaling for long context
+    rope_layout: RopeLayout = "half"  # pairs (i, i+H/2): GPT-NeoX, HF; (2i, 2i+1): RoFormer, GPT-J, Meta Llama
     relative_buckets: int = 32  # T5 relative-position buckets
     relative_max_distance: int = 128  # T5: distances past this share the last bucket
 
@@ -136,7 +139,7 @@ class ModelConfig:
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         for name in ("norm", "norm_position", "activation", "block", "parallel_norm", "position",
-                     "qk_norm", "param_dtype", "dtype", "remat"):
+                     "rope_layout", "qk_norm", "param_dtype", "dtype", "remat"):
             value = getattr(self, name)
             allowed = _literal_values(name)
             if value is None and name in ("qk_norm", "remat"):
@@ -182,6 +185,8 @@ class ModelConfig:
                f"1.0 with position={self.position!r} (it is the share of each head that RoPE rotates)")
         _check(self.position == "rope" or self.rope_scaling is None, "rope_scaling", self.rope_scaling,
                f"None with position={self.position!r} (it scales RoPE only)")
+        _check(self.position == "rope" or self.rope_layout == "half", "rope_layout", self.rope_layout,
+               f"'half' with position={self.position!r} (it is how RoPE pairs the dims it rotates)")
         _check(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
                self.rope_scaling, "a RopeScaling or None")
         _check(self.position != "sinusoidal" or self.d_model % 2 == 0, "d_model", self.d_model,
@@ -388,3 +393,45 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> Config:
+        """A copy with dotted fields changed, validated: `cfg.replace(**{"model.norm_position": "post",
+        "train.lr": 3e-3})`. A whole section may be given too (`model=ModelConfig(...)`). An unknown key
+        raises `ConfigError` naming the close matches; a bad value raises the section's own error."""
+        sections = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        per_section: dict[str, dict] = {}
+        for key, value in changes.items():
+            section, _, name = key.partition(".")
+            if section not in sections or (name and name not in _field_names(type(sections[section]))):
+                raise ConfigError(_unknown_key_message(key, dotted_keys(self)))
+            if name:
+                per_section.setdefault(section, {})[name] = value
+            else:
+                sections[section] = value
+        for section, fields in per_section.items():
+            sections[section] = dataclasses.replace(sections[section], **fields)
+        return Config(**sections)
+
+
+class ConfigError(Lecture3Error):
+    """A config key that does not exist, or a value that no field of that name can take."""
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+def dotted_keys(cfg: Config) -> list[str]:
+    """Every `section.field` key of a run config, in declaration order."""
+    return [f"{s.name}.{name}" for s in dataclasses.fields(cfg) for name in _field_names(type(getattr(cfg, s.name)))]
+
+
+def _unknown_key_message(key: str, known: list[str]) -> str:
+    import difflib
+
+    by_field = {k.partition(".")[2]: k for k in known}
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    close += [by_field[m] for m in difflib.get_close_matches(key.rpartition(".")[2], list(by_field), n=3)
+              if by_field[m] not in close]
+    hint = f"did you mean {', '.join(repr(c) for c in close[:3])}?" if close else "see config.dotted_keys(Config())"
+    return f"Config has no key {key!r}: {hint}"
