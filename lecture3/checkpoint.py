@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state and the data iterator, with exact resume.
 
 Layout of a workdir:
-    config.json          the resolved config of the run (model, data, train, mesh)
+    config.json          the resolved config of the run (model, data, train, mesh): the latest command
+    config-history.jsonl one line per start or resume: {"step": the step it started from, "config": ...}
     checkpoints/<step>/  state (params, optimiser state, step, rng) + data (grain iterator state)
     metrics.jsonl, tb/   metrics, one JSON object per logged step; TensorBoard events
 A checkpoint that fails to restore is moved aside (never deleted) and the previous one is used.
@@ -52,18 +53,48 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def check_resumable(workdir: Path, config: dict, must_match: tuple[str, ...] = ("model", "data")) -> None:
-    """Refuse to resume a workdir trained with a different model or data config."""
+# train fields that change what is logged, kept or sampled, never the updates or the order of the data
+RESUME_SAFE_TRAIN_FIELDS = frozenset({
+    "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "peak_tflops",
+    "sample_tokens", "progress", "on_nonfinite", "allow_config_change"})
+
+
+def check_resumable(workdir: Path, config: dict) -> None:
+    """Refuse to resume a workdir trained with a different model or data config, or with train fields
+    that change the schedule, the optimiser or the data order (unless train.allow_config_change)."""
     path = workdir / "config.json"
     if not path.exists() or not any((workdir / "checkpoints").glob("[0-9]*")):
         return
     saved = json.loads(path.read_text())
-    diffs = [d for section in must_match
+    diffs = [d for section in ("model", "data")
              for d in config_diff({section: saved.get(section, {})}, {section: config.get(section, {})})]
     if diffs:
         raise CheckpointError(
             f"{workdir} holds a run with a different config ({'; '.join(diffs)}); resume with the same "
             f"flags, or start a new run with another --workdir")
+    train = {k: v for k, v in config.get("train", {}).items() if k not in RESUME_SAFE_TRAIN_FIELDS}
+    old = {k: v for k, v in saved.get("train", {}).items() if k not in RESUME_SAFE_TRAIN_FIELDS}
+    diffs = config_diff({"train": old}, {"train": train})
+    if diffs and not config.get("train", {}).get("allow_config_change", False):
+        raise CheckpointError(
+            f"{workdir} was trained with other settings that change the schedule, the optimiser or the data "
+            f"order ({'; '.join(diffs)}); resume with the same flags, pass --train.allow-config-change true "
+            f"to resume with these on purpose (config-history.jsonl keeps each command), or use another --workdir")
+
+
+def record_config(workdir: Path, config: dict, step: int) -> None:
+    """config.json becomes `config`; config-history.jsonl gains a line saying which step it started from."""
+    write_json_atomic(workdir / "config.json", config)
+    with open(workdir / "config-history.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "config": config}, sort_keys=True, default=str) + "\n")
+
+
+def state_items(state) -> dict:
+    """The top-level fields of a dataclass state as a dict of the very same objects (no copy: unlike
+    `dataclasses.asdict`, which deep-copies every array into a new buffer)."""
+    if not dataclasses.is_dataclass(state):
+        return state
+    return {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
 
 
 class Checkpointer:
@@ -76,7 +107,7 @@ class Checkpointer:
     def save(self, step: int, state, iterator) -> None:
         """Saves the state and the grain iterator (each process writes its own iterator position)."""
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(dataclasses.asdict(state) if dataclasses.is_dataclass(state) else state),
+            state=ocp.args.StandardSave(state_items(state)),
             data=grain.checkpoint.CheckpointSave(iterator)))
 
     def wait(self) -> None:
@@ -86,7 +117,7 @@ class Checkpointer:
         """(state, step) from the newest readable checkpoint, or None when there is none; `iterator` (if
         given) is moved to the position saved with that state."""
         steps = sorted(self.manager.all_steps(), reverse=True)
-        target = dataclasses.asdict(abstract_state) if dataclasses.is_dataclass(abstract_state) else abstract_state
+        target = state_items(abstract_state)
         for step in steps:
             try:
                 items = {"state": ocp.args.StandardRestore(target)}

@@ -51,14 +51,19 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     add_config_flags(parser)
 
 
-def _sample(cfg: Config, state, tokenizer, n: int) -> str:
+def _sample(cfg: Config, state, tokenizer, n: int) -> str | None:
+    """`n` tokens sampled from the trained params, on process 0 (None elsewhere). Every process takes
+    part in gathering the params, which another host may hold shards of."""
     import jax
+    from jax.experimental import multihost_utils
 
     from lecture3.decoding import generate
 
+    params = multihost_utils.process_allgather(state.params, tiled=True)
+    if jax.process_index() != 0:
+        return None
     prompt = tokenizer.encode("def ")
-    out = generate(cfg.model, jax.device_get(state.params), [prompt], n, rng=jax.random.PRNGKey(0),
-                   temperature=0.8, top_k=40)
+    out = generate(cfg.model, params, [prompt], n, rng=jax.random.PRNGKey(0), temperature=0.8, top_k=40)
     return tokenizer.decode([int(t) for t in out[0]])
 
 
@@ -67,16 +72,17 @@ def _run_train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = config_from_args(args)
+    trainer.check_inputs(cfg, args.workdir)  # a bad path, glob or mesh is the first and only thing printed
     print(accounting.summary(cfg.model, cfg.data.seq_len))
     out = trainer.run(cfg, args.workdir)
     m = out["metrics"]
     if "val_loss" in m:
         print(f"step {m['step']}: validation loss {m['val_loss']:.4f} nats/token (perplexity "
               f"{m['val_ppl']:.2f}); unigram entropy of the validation tokens {out['unigram_entropy']:.4f}")
-    import jax
-
-    if jax.process_index() == 0:
-        print("sample:\n" + _sample(cfg, out["state"], out["tokenizer"], cfg.train.sample_tokens))
+    if cfg.train.sample_tokens > 0:
+        text = _sample(cfg, out["state"], out["tokenizer"], cfg.train.sample_tokens)
+        if text is not None:
+            print("sample:\n" + text)
     return 0
 
 
