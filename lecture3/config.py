@@ -307,13 +307,16 @@ class TrainConfig:
     eval_batches: int = 8  # validation batches of the fixed validation set
     checkpoint_every: int = 200
     keep_checkpoints: int = 3
-    peak_tflops: float | None = None  # per-device peak for MFU; None = a table for GPU/TPU, measured on CPU
-    sample_tokens: int = 120  # tokens of text generated at the end (None-like 0 is not allowed: use 1+)
+    peak_tflops: float | None = None  # per-device dense peak in model.dtype, for MFU; None = known GPU/TPU table or CPU
+    sample_tokens: int = 120  # tokens of text generated at the end; 0 = no sample
     progress: bool = True  # the progress bar
+    allow_config_change: bool = False  # resume although schedule, optimiser or data-order fields changed
 
     def __post_init__(self):
         _positive_ints(self, ("steps", "batch_size", "log_every", "eval_every", "eval_batches",
-                              "checkpoint_every", "keep_checkpoints", "sample_tokens"))
+                              "checkpoint_every", "keep_checkpoints"))
+        if not isinstance(self.sample_tokens, int) or isinstance(self.sample_tokens, bool) or self.sample_tokens < 0:
+            _fail("TrainConfig", "sample_tokens", self.sample_tokens, "an integer >= 0 (0 = no sample)")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             _fail("TrainConfig", "warmup_steps", self.warmup_steps, "an integer >= 0 (a run shorter than its "
                   "warmup only warms up)")
