@@ -1,8 +1,16 @@
 """AdamW with a weight-decay mask, global-norm clipping and the usual learning-rate schedules.
 
 The lecture: weight decay still matters in pre-training, less as regularisation than through its
-interaction with the learning-rate schedule. Norm gains and biases are never decayed (they are
-scales and offsets, not weights); embeddings optionally.
+interaction with the learning-rate schedule. The decay rule (`decay_mask`), decided by parameter name:
+
+  decayed        every attention and MLP matrix (q, k, v, o, up, gate, down)
+  never          norm gains and biases, qk-norm gains, every bias
+  on request     with `decay_embeddings`: the token embedding, the head (tied or untied, so a tie
+                 ablation changes one thing), the learned position table, the T5 relative-bias table
+
+The learning rate follows the *train step* (`step=` passed to `update`), not optax's own update count:
+a step that the train step skips (non-finite loss) still uses up its place in the schedule, while Adam's
+moments and bias-correction count stay as they were (`lecture3.train.make_train_step`).
 """
 
 from __future__ import annotations
@@ -15,11 +23,16 @@ import optax
 
 from lecture3.config import TrainConfig
 
-EMBEDDING_NAMES = ("embed", "pos_embed", "rel_bias")
+EMBEDDING_NAMES = ("embed", "head", "pos_embed", "rel_bias")  # decayed only with decay_embeddings
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup to `lr`, then cosine / warmup-stable-decay / constant / inverse-sqrt to `final_lr`."""
+    """Linear warmup to `lr`, then cosine / warmup-stable-decay / constant / inverse-sqrt to `final_lr`.
+
+    Warmup is lr * (step + 1) / warmup_steps: step 0 already trains at lr / warmup_steps (not 0), and
+    step warmup_steps - 1 reaches lr. Cosine, wsd and inverse-sqrt then reach `final_lr` at step
+    `steps - 1`, the last step of the run.
+    """
     warm, total, peak, final = cfg.warmup_steps, cfg.steps, cfg.lr, cfg.final_lr
 
     def fn(step):
@@ -45,10 +58,12 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
 
 
 def decay_mask(params, decay_embeddings: bool = False):
-    """True for the leaves AdamW decays: matrices only; never norm gains/biases; embeddings on request."""
+    """True for the leaves AdamW decays (the rule in the module docstring); the same answer for a boxed
+    tree (flax's `LogicallyPartitioned`, as `Transformer.init` returns it) and its `nn.unbox`."""
 
     def decide(path, leaf):
-        names = [getattr(p, "key", getattr(p, "name", str(p))) for p in path]
+        # a box wrapper adds an attribute key (`.value`) under the parameter's name: decide by dict keys only
+        names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
         last = names[-1]
         if last in EMBEDDING_NAMES:
             return decay_embeddings
@@ -59,13 +74,36 @@ def decay_mask(params, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(decide, params)
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+def scale_by_train_step_lr(lr_at: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """Multiply the updates by -lr_at(step), `step` being the train step given as `update(..., step=s)`.
+
+    Without `step=` it falls back to its own count of updates, like `optax.scale_by_learning_rate`
+    (whose state it shares, so checkpoints of either restore into the other).
+    """
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, step=None, **extra):
+        del params, extra
+        lr = lr_at(state.count if step is None else step)
+        updates = jax.tree.map(lambda g: jnp.asarray(-lr, g.dtype) * g, updates)
+        return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
+    """Clip by global norm, then AdamW (optax.adamw's chain) with the decay mask and the schedule read
+    at the train step: `update(grads, state, params, step=state.step)`."""
     parts = []
     if cfg.grad_clip is not None:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-    parts.append(optax.adamw(
-        learning_rate=schedule(cfg), b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps,
-        weight_decay=0.0 if cfg.weight_decay is None else cfg.weight_decay,
-        mask=lambda p: decay_mask(p, cfg.decay_embeddings),
+    parts.append(optax.chain(
+        optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps),
+        optax.add_decayed_weights(0.0 if cfg.weight_decay is None else cfg.weight_decay,
+                                  mask=lambda p: decay_mask(p, cfg.decay_embeddings)),
+        scale_by_train_step_lr(schedule(cfg)),
     ))
     return optax.chain(*parts)

@@ -65,30 +65,44 @@ def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: L.LossFn,
 
 def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: L.LossFn | None = None,
                     optimizer: optax.GradientTransformation | None = None) -> Callable:
-    """The pure step. `loss_fn` defaults to the config's terms; pass your own composition to add one."""
+    """The pure step. `loss_fn` defaults to the config's terms; pass your own composition to add one.
+
+    The optimizer is called as `update(grads, opt_state, params, step=state.step)`: `make_optimizer`'s
+    learning rate follows the train step, and an optimizer that takes no extra arguments ignores it.
+    The logged `lr` is the one multiplied into the applied update: `schedule(train)(state.step)`, which
+    is exact for `make_optimizer(train)`; a user optimizer with a schedule of its own logs the config's.
+
+    A non-finite step (loss or gradient norm) changes no parameter and no optimizer moment, and logs
+    `finite=0`, `lr=0` and `update_ratio=0` (nothing was applied; loss and grad_norm are as measured):
+      skip  the step is used up: `state.step` advances, so the schedule stays on time and still ends at
+            `final_lr`, while Adam's moments and bias-correction count stay those of the last good step
+      stop  the returned state is the input state, `step` included (the caller stops on `finite == 0`)
+    """
     model = Transformer(cfg)
     loss_fn = loss_from_config(train) if loss_fn is None else loss_fn
-    optimizer = make_optimizer(train) if optimizer is None else optimizer
+    optimizer = optax.with_extra_args_support(make_optimizer(train) if optimizer is None else optimizer)
     lr_at = schedule(train)
+    skip = train.on_nonfinite == "skip"
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(lambda p: forward_metrics(model, p, batch, loss_fn, rng), has_aux=True)
         (loss, metrics), grads = grad_fn(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=state.step)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # a non-finite step never touches the state: "skip" moves on, "stop" leaves the last good state
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        step = state.step + 1 if skip else jnp.where(finite, state.step + 1, state.step)
+        ratio = optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(state.params), 1e-12)
         metrics.update(
             grad_norm=grad_norm,
-            update_ratio=optax.tree.norm(updates) / jnp.maximum(optax.tree.norm(state.params), 1e-12),
-            lr=lr_at(state.step),
+            update_ratio=jnp.where(finite, ratio, 0.0),
+            lr=jnp.where(finite, lr_at(state.step), 0.0),
             finite=finite.astype(jnp.float32),
         )
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return state.replace(step=step, params=params, opt_state=opt_state), metrics
 
     return train_step
 

@@ -61,18 +61,28 @@ def test_compose_adds_terms_and_a_user_term_is_one_function():
         losses.compose()
 
 
+def _flat(tree):
+    """{"a/b/c": leaf}, skipping the `.value` of flax's boxes."""
+    return {"/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)): v
+            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+MASK_CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, norm="layernorm", norm_bias=True, qkv_bias=True,
+                       mlp_bias=True, attn_out_bias=True, qk_norm="per_head", position="learned",
+                       tie_embeddings=False, max_seq_len=16)
+UNDECAYED = ("layer_0/attn_norm/scale", "layer_0/attn_norm/bias", "layer_0/attn/q_bias", "layer_0/attn/q_norm",
+             "layer_0/mlp/down_bias", "layer_0/attn/o_bias", "final_norm/scale", "embed", "pos_embed", "head")
+
+
 def test_decay_mask_leaves_norms_biases_and_embeddings_undecayed():
-    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, norm="layernorm", norm_bias=True, qkv_bias=True,
-                      mlp_bias=True, attn_out_bias=True, qk_norm="per_head", position="learned",
-                      tie_embeddings=False, max_seq_len=16)
-    params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
-    flat = {"/".join(str(k.key) for k in path): v for path, v in
-            jax.tree_util.tree_leaves_with_path(decay_mask(params))}
-    assert flat["layer_0/attn/q"] and flat["layer_0/mlp/up"] and flat["head"]
-    for name in ("layer_0/attn_norm/scale", "layer_0/attn_norm/bias", "layer_0/attn/q_bias", "layer_0/attn/q_norm",
-                 "layer_0/mlp/down_bias", "layer_0/attn/o_bias", "final_norm/scale", "embed", "pos_embed"):
+    params = nn.unbox(Transformer(MASK_CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    flat = _flat(decay_mask(params))
+    assert flat["layer_0/attn/q"] and flat["layer_0/attn/o"] and flat["layer_0/mlp/up"] and flat["layer_0/mlp/down"]
+    for name in UNDECAYED:
         assert flat[name] is False, name
-    assert decay_mask(params, decay_embeddings=True)["embed"] is True
+    # embeddings and the head, tied or untied, follow decay_embeddings together
+    on = _flat(decay_mask(params, decay_embeddings=True))
+    assert on["embed"] is True and on["head"] is True and on["pos_embed"] is True
 
     # the optimiser really uses that mask: with zero gradients only decayed leaves move
     tx = make_optimizer(TrainConfig(lr=0.1, final_lr=0.1, warmup_steps=0, weight_decay=0.5, grad_clip=None))
@@ -80,8 +90,39 @@ def test_decay_mask_leaves_norms_biases_and_embeddings_undecayed():
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
     assert float(jnp.abs(updates["layer_0"]["attn"]["q"]).max()) > 0
     for leaf in (updates["layer_0"]["attn_norm"]["scale"], updates["layer_0"]["attn_norm"]["bias"],
-                 updates["embed"], updates["layer_0"]["attn"]["q_bias"]):
+                 updates["embed"], updates["head"], updates["layer_0"]["attn"]["q_bias"]):
         chex.assert_trees_all_equal(leaf, jnp.zeros_like(leaf))
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decay_mask_is_the_same_on_boxed_params(scan):
+    """`Transformer(cfg).init(...)["params"]` is boxed (LogicallyPartitioned, last key `value`): with zero
+    gradients and weight decay on, norm gains, biases, embeddings and the head stay put; matrices move."""
+    cfg = MASK_CFG.replace(scan_layers=scan)
+    boxed = Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    assert isinstance(boxed["embed"], nn.LogicallyPartitioned)
+    assert _flat(decay_mask(boxed)) == _flat(decay_mask(nn.unbox(boxed)))
+    tx = make_optimizer(TrainConfig(lr=0.1, final_lr=0.1, warmup_steps=0, weight_decay=0.5, grad_clip=None))
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, boxed), tx.init(boxed), boxed)
+    moved = {k: bool(jnp.any(u != 0)) for k, u in _flat(updates).items()}
+    prefix = "layers/" if scan else ""
+    for name in UNDECAYED:
+        name = name.replace("layer_0/", prefix + "layer_0/")
+        assert moved[name] is False, name
+    for name in ("layer_0/attn/q", "layer_0/attn/o", "layer_0/mlp/up", "layer_0/mlp/down"):
+        assert moved[prefix + name] is True, name
+
+
+def test_learning_rate_follows_the_step_argument_not_the_update_count():
+    """make_optimizer reads the schedule at `step=` (the train step); without it, at its own count."""
+    tc = TrainConfig(lr=1.0, final_lr=0.1, warmup_steps=4, steps=10, weight_decay=None, grad_clip=None)
+    tx, f = make_optimizer(tc), schedule(tc)
+    params, grads = {"w": jnp.ones((3,))}, {"w": jnp.array([1.0, -2.0, 3.0])}
+    state = tx.init(params)
+    first, _ = tx.update(grads, state, params)  # count 0: lr/4
+    for step in (0, 1, 3, 9):
+        updates, _ = tx.update(grads, state, params, step=jnp.int32(step))
+        np.testing.assert_allclose(updates["w"], first["w"] * float(f(step)) / float(f(0)), rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["cosine", "wsd", "constant", "inverse_sqrt"])

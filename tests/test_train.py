@@ -11,6 +11,7 @@ from lecture3 import losses
 from lecture3 import sharding as S
 from lecture3 import train as T
 from lecture3.config import MeshConfig, ModelConfig, TrainConfig
+from lecture3.optim import schedule
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=259, max_seq_len=64)
 
@@ -89,25 +90,55 @@ def test_z_loss_shrinks_log_z():
     assert with_z[-1]["log_z_abs"] < 0.5 * plain[-1]["log_z_abs"], (with_z[-1]["log_z_abs"], plain[-1]["log_z_abs"])
 
 
+def _one_device(tc, cfg=CFG):
+    mesh = S.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    rules = S.axis_rules(cfg, mesh, tc.batch_size)
+    _, shardings = T.state_shardings(cfg, tc, mesh, rules)
+    return mesh, rules, shardings, T.init_state(cfg, tc, mesh, rules, shardings=shardings)
+
+
 @pytest.mark.parametrize("mode", ["stop", "skip"])
 def test_non_finite_step_leaves_the_state_untouched(mode):
+    """Neither mode moves a parameter or an Adam moment; "skip" uses up the step (and its place in the
+    schedule), "stop" hands back the input state itself, step included."""
     tc = TrainConfig(steps=3, batch_size=8, warmup_steps=1, on_nonfinite=mode)
-    calls = {"n": 0}
 
     def poisoned(logits, batch):  # NaN on every step: the state must never move
-        calls["n"] += 1
         return jnp.float32(jnp.nan) * logits.mean(), {"poison": jnp.float32(0)}
 
     fn = losses.compose(losses.cross_entropy(), poisoned)
-    mesh = S.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    rules = S.axis_rules(CFG, mesh, 8)
-    _, shardings = T.state_shardings(CFG, tc, mesh, rules)
-    state = T.init_state(CFG, tc, mesh, rules)
-    before = jax.device_get(state.params)
+    mesh, rules, shardings, state = _one_device(tc)
+    params, opt_state = jax.device_get(state.params), jax.device_get(state.opt_state)
     step = T.jit_train_step(T.make_train_step(CFG, tc, fn), mesh, rules, shardings)
     state, m = step(state, _batches(1)[0])
-    assert float(m["finite"]) == 0.0 and int(state.step) == 1
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+    assert float(m["finite"]) == 0.0
+    assert float(m["lr"]) == 0.0 and float(m["update_ratio"]) == 0.0  # nothing was applied
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), params)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), opt_state)
+    assert int(state.step) == {"skip": 1, "stop": 0}[mode]
+
+
+def test_a_skipped_step_keeps_the_schedule_on_time_and_the_logged_lr_is_the_applied_one():
+    tc = TrainConfig(steps=6, batch_size=8, lr=1e-2, final_lr=1e-3, warmup_steps=3, weight_decay=None,
+                     grad_clip=None, on_nonfinite="skip")
+    batches = _batches(tc.steps, seed=5)
+    batches[0] = {**batches[0], "loss_mask": np.full_like(batches[0]["loss_mask"], np.nan)}  # step 0 is NaN
+    mesh, rules, shardings, state = _one_device(tc)
+    step = T.jit_train_step(T.make_train_step(CFG, tc), mesh, rules, shardings)
+    params, history = [jax.device_get(state.params)], []
+    for b in batches:
+        state, m = step(state, b)
+        params.append(jax.device_get(state.params))
+        history.append({k: float(v) for k, v in m.items()})
+    lr_at = schedule(tc)
+    assert history[0]["finite"] == 0.0 and history[0]["lr"] == 0.0
+    np.testing.assert_allclose([h["lr"] for h in history[1:]], [float(lr_at(s)) for s in range(1, 6)], rtol=1e-6)
+    np.testing.assert_allclose(history[-1]["lr"], tc.final_lr, rtol=1e-5)  # the run still ends at final_lr
+    assert int(state.step) == tc.steps
+    # step 1 is Adam's first update, g / (|g| + eps) ~ sign(g): its largest change is the lr it applied
+    applied = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params[2]), jax.tree.leaves(params[1]),
+                                                                strict=True))
+    np.testing.assert_allclose(applied, history[1]["lr"], rtol=1e-4)
 
 
 def test_max_attention_logit_is_reported_for_scanned_and_unscanned_stacks():
