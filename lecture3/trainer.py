@@ -27,23 +27,29 @@ class TrainingError(Lecture3Error, RuntimeError):
     """The run itself failed (e.g. a non-finite loss); the last good checkpoint is intact."""
 
 
+def _gpu(bf16: float, tf32: float) -> dict[str, float]:
+    return {"bfloat16": bf16, "float16": bf16, "float32": tf32}
+
+
+def _tpu(bf16: float) -> dict[str, float]:
+    return {"bfloat16": bf16, "float32": bf16}
+
+
 # Dense (no sparsity) peak TFLOP/s per device, keyed by the exact `device_kind` jax reports, per compute
 # dtype. GPU float32 matmuls run as TF32 at JAX's default precision, so float32 gets the TF32 peak; TPU
 # float32 matmuls run as bf16 passes at the default precision, so it gets the bf16 peak. A dtype a
 # device has no fast path for (bf16 on V100, f16 on TPU) is absent: no MFU rather than a wrong one.
-_GPU = lambda bf16, tf32: {"bfloat16": bf16, "float16": bf16, "float32": tf32}  # noqa: E731
-_TPU = lambda bf16: {"bfloat16": bf16, "float32": bf16}  # noqa: E731
 PEAK_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": _GPU(989.0, 494.5), "NVIDIA H100 PCIe": _GPU(756.0, 378.0),
-    "NVIDIA H100 NVL": _GPU(835.0, 417.5), "NVIDIA H200": _GPU(989.0, 494.5),
-    "NVIDIA H200 NVL": _GPU(835.0, 417.5), "NVIDIA GH200 480GB": _GPU(989.0, 494.5),
-    "NVIDIA A100-SXM4-40GB": _GPU(312.0, 156.0), "NVIDIA A100-SXM4-80GB": _GPU(312.0, 156.0),
-    "NVIDIA A100-PCIE-40GB": _GPU(312.0, 156.0), "NVIDIA A100 80GB PCIe": _GPU(312.0, 156.0),
-    "NVIDIA L40S": _GPU(362.0, 183.0), "NVIDIA L4": _GPU(121.0, 60.0), "NVIDIA A10": _GPU(125.0, 62.5),
+    "NVIDIA H100 80GB HBM3": _gpu(989.0, 494.5), "NVIDIA H100 PCIe": _gpu(756.0, 378.0),
+    "NVIDIA H100 NVL": _gpu(835.0, 417.5), "NVIDIA H200": _gpu(989.0, 494.5),
+    "NVIDIA H200 NVL": _gpu(835.0, 417.5), "NVIDIA GH200 480GB": _gpu(989.0, 494.5),
+    "NVIDIA A100-SXM4-40GB": _gpu(312.0, 156.0), "NVIDIA A100-SXM4-80GB": _gpu(312.0, 156.0),
+    "NVIDIA A100-PCIE-40GB": _gpu(312.0, 156.0), "NVIDIA A100 80GB PCIe": _gpu(312.0, 156.0),
+    "NVIDIA L40S": _gpu(362.0, 183.0), "NVIDIA L4": _gpu(121.0, 60.0), "NVIDIA A10": _gpu(125.0, 62.5),
     "Tesla V100-SXM2-16GB": {"float16": 125.0, "float32": 15.7},
     "Tesla V100-SXM2-32GB": {"float16": 125.0, "float32": 15.7},
-    "TPU v4": _TPU(275.0), "TPU v5 lite": _TPU(197.0), "TPU v5e": _TPU(197.0), "TPU v5": _TPU(459.0),
-    "TPU v5p": _TPU(459.0), "TPU v6 lite": _TPU(918.0), "TPU v6e": _TPU(918.0),
+    "TPU v4": _tpu(275.0), "TPU v5 lite": _tpu(197.0), "TPU v5e": _tpu(197.0), "TPU v5": _tpu(459.0),
+    "TPU v5p": _tpu(459.0), "TPU v6 lite": _tpu(918.0), "TPU v6e": _tpu(918.0),
 }
 
 
