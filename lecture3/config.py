@@ -129,7 +129,7 @@ class ModelConfig:
 
     # --- numerics and compilation ---
     param_dtype: DType = "float32"
-    dtype: DType = "float32"  # compute dtype of matmuls; softmax, norms and logits stay float32
+    dtype: DType = "float32"  # compute dtype of matmuls and of the residual stream; softmax, norms, logits f32
     scan_layers: bool = False  # nn.scan over layers: compile time independent of depth
     remat: Remat | None = None  # rematerialisation policy for each layer
 
@@ -393,6 +393,10 @@ class Config:
         if m.position in ("learned", "sinusoidal") and d.seq_len > m.max_seq_len:
             raise ValueError(f"DataConfig.seq_len={d.seq_len} is invalid: expected at most "
                              f"model.max_seq_len={m.max_seq_len} with position={m.position!r}")
+        if m.param_dtype != "float32":  # ModelConfig alone may hold half-precision params for inference
+            raise ValueError(f"ModelConfig.param_dtype={m.param_dtype!r} is invalid for training: expected "
+                             "'float32' (AdamW would keep half-precision moments with no float32 master copy "
+                             "or loss scaling); use model.dtype='bfloat16' for half-precision compute")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lecture3.config import ModelConfig
+from lecture3.errors import Lecture3Error
 from lecture3.layers import positions as pos
 from lecture3.layers.block import Block
 from lecture3.layers.common import DTYPES, constrain, dense, dropout, normal, param, softcap
@@ -48,6 +49,16 @@ class LayerGroup(nn.Module):
         return x, (None if caches is None else tuple(new))
 
 
+def check_positions(positions: jax.Array, size: int) -> None:
+    """Raise when concrete positions fall outside a table of `size` rows; traced ones cannot be read."""
+    if isinstance(positions, jax.core.Tracer):
+        return
+    lo, hi = int(jnp.min(positions)), int(jnp.max(positions))
+    if lo < 0 or hi >= size:
+        raise Lecture3Error(f"positions span [{lo}, {hi}] but the learned position table has max_seq_len={size} "
+                            f"rows (0..{size - 1}); keep positions below max_seq_len or raise it")
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
 
@@ -61,12 +72,16 @@ class Transformer(nn.Module):
         when packing). segment_ids: document ids, used when `cfg.document_mask`. q_idx: place of each
         token in the stream, for the causal and window masks (default 0..T-1; the cache offset when
         decoding).
+
+        With `position="learned"`, a position outside [0, max_seq_len) raises `Lecture3Error` when the
+        positions are concrete (eager `apply`); under `jit` their values are unknown, so they are clipped
+        into the table (the last row serves every position past it).
         """
         cfg = self.cfg
         b, t = tokens.shape
         if cfg.position == "learned" and t > cfg.max_seq_len:
-            raise ValueError(f"sequence length {t} is longer than max_seq_len={cfg.max_seq_len}, the learned "
-                             "position table; shorten the sequences or raise max_seq_len")
+            raise Lecture3Error(f"sequence length {t} is longer than max_seq_len={cfg.max_seq_len}, the learned "
+                                "position table; shorten the sequences or raise max_seq_len")
         dt = DTYPES[cfg.dtype]
         if q_idx is None:
             q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -81,7 +96,8 @@ class Transformer(nn.Module):
         if cfg.position == "learned":
             table = param(self, "pos_embed", (cfg.max_seq_len, cfg.d_model), ("length", "embed"),
                           normal(cfg.init_std), cfg.param_dtype)
-            x = x + jnp.take(table, positions, axis=0).astype(dt)
+            check_positions(positions, cfg.max_seq_len)
+            x = x + jnp.take(table, positions, axis=0, mode="clip").astype(dt)
         elif cfg.position == "sinusoidal":
             x = x + pos.sinusoidal(positions, cfg.d_model).astype(dt)
         x = dropout(self, x, cfg.embed_dropout, deterministic)

@@ -164,6 +164,47 @@ def test_two_processes_match_one(tmp_path):
     assert multi_out["losses"] == pytest.approx(ref_out["losses"], abs=1e-5)
 
 
+def _free_address():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+@pytest.mark.slow
+def test_two_processes_train_checkpoint_resume_and_sample(tmp_path):
+    """`lecture3 train` itself as 2 processes x 4 CPU devices, params sharded across both (fsdp=4 spans
+    the processes): a killed-and-resumed run logs what the uninterrupted one did, and both end with a sample."""
+    import shutil
+
+    from lecture3 import data as D
+
+    cfg = tiny_config(tmp_path, steps=4, checkpoint_every=2, eval_every=2)
+    D.validation_batches(cfg.data, cfg.train.batch_size)  # build the dataset and tokenizer once, not in a race
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+
+    def two_processes(workdir):
+        dist = ["--mesh.data", "2", "--mesh.fsdp", "4", "--dist.coordinator-address", _free_address(),
+                "--dist.num-processes", "2"]
+        procs = [subprocess.Popen(_train_cmd(workdir, [*cli_flags(cfg), *dist, "--dist.process-id", str(i)]),
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        outs = [p.communicate(timeout=600) for p in procs]
+        for p, (_, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err[-3000:]
+        return outs[0][0]
+
+    full = two_processes(tmp_path / "full")
+    assert "sample:" in full
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "4")  # killed before checkpoint 4 landed
+    resumed = two_processes(tmp_path / "resumed")
+    assert "resuming from step 2" in resumed and "sample:" in resumed
+    assert [m["step"] for m in _metrics(tmp_path / "full")] == [1, 2, 3, 4]
+    _assert_same_metrics(_metrics(tmp_path / "resumed"), _metrics(tmp_path / "full"))
+
+
 def test_generate_from_a_training_run(tmp_path, capsys):
     cfg = tiny_config(tmp_path, steps=3)
     out = trainer.run(cfg, tmp_path / "wd")

@@ -16,7 +16,7 @@ from lecture3.layers import positions as pos
 from lecture3.layers.common import DTYPES, constrain, dense, dropout, normal, param, softcap
 from lecture3.layers.norms import NORMS
 
-NEG_INF = -1e30  # large but finite: a fully masked row gives a uniform softmax, not NaN
+NEG_INF = -1e30  # large but finite: no NaN from a fully masked row (its probabilities are then zeroed)
 
 
 def attention_mask(q_idx: jax.Array, k_idx: jax.Array, window: int | None = None,
@@ -39,8 +39,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
                           dropout_fn=None) -> tuple[jax.Array, jax.Array]:
     """q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, T, S]; bias: [B, N, T, S].
 
-    Returns the output [B, T, N, H] and the largest pre-mask logit (a stability signal).
-    The logits and softmax are float32 whatever the compute dtype.
+    The softmax sees cap * tanh(scale * q.k / cap) + bias: the soft-cap bounds the content logit and a
+    position bias (ALiBi, T5) is added after it, as FlashAttention-2 orders softcap and ALiBi, so ALiBi's
+    distance penalty never saturates at the cap (a positive T5 bias can take the sum past the cap).
+    Returns the output [B, T, N, H] and the largest scale * q.k over allowed keys, before the cap and the
+    bias (a stability signal that a cap would pin at its value). Logits and softmax are float32.
+    A masked key contributes exactly nothing: its probability is 0 and a NaN/inf in its value slot
+    cannot reach the rows that do not see it (0 * NaN is NaN), while a row that sees one still gets NaN.
     """
     b, t, n, h = q.shape
     kv = k.shape[2]
@@ -48,15 +53,20 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     qg = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
     logits = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    allowed = mask[:, None, None]  # [B, 1, 1, T, S]
+    max_logit = jnp.max(jnp.where(allowed, logits, -jnp.inf))
     logits = softcap(logits, cap)
     if bias is not None:
         logits = logits + bias.reshape(bias.shape[0], kv, n // kv, t, -1)
-    max_logit = jnp.max(jnp.where(mask[:, None, None], logits, -jnp.inf))
-    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1)
+    logits = jnp.where(allowed, logits, NEG_INF)
+    probs = jnp.where(allowed, jax.nn.softmax(logits, axis=-1), 0.0)
     if dropout_fn is not None:
         probs = dropout_fn(probs)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), v)  # [B, K, G, T, H]
+    finite = jnp.isfinite(v)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), jnp.where(finite, v, 0))  # [B, K, G, T, H]
+    bad_slot = ~jnp.all(finite, axis=-1)[:, :, None, None, :]  # [B, K, 1, 1, S]
+    sees_bad = jnp.any(allowed & bad_slot, axis=-1, keepdims=True)  # [B, K, 1, T, 1]
+    out = jnp.where(sees_bad, jnp.asarray(jnp.nan, out.dtype), out)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), max_logit
 
 
