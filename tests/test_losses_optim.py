@@ -142,6 +142,16 @@ def test_schedules_warm_up_then_reach_their_final_lr(kind):
         np.testing.assert_allclose(lrs[10:82], 1.0)  # stable until the last 20% of the post-warmup steps
 
 
+def test_warmup_starts_at_lr_over_warmup_steps_and_peaks_one_step_early():
+    """As `schedule` documents: step 0 trains at lr / warmup_steps (not 0), step warmup_steps - 1 at lr."""
+    for warm in (1, 4, 7):
+        f = schedule(TrainConfig(steps=50, warmup_steps=warm, lr=2.0, final_lr=0.2))
+        np.testing.assert_allclose(float(f(0)), 2.0 / warm, rtol=1e-6)
+        np.testing.assert_allclose(float(f(warm - 1)), 2.0, rtol=1e-6)
+        assert warm == 1 or float(f(warm - 2)) < 2.0
+    np.testing.assert_allclose(float(schedule(TrainConfig(warmup_steps=0, lr=2.0, final_lr=0.2))(0)), 2.0)
+
+
 def test_optimizer_clips_by_global_norm():
     tx = optax.chain(make_optimizer(TrainConfig(grad_clip=1.0)))
     params = {"w": jnp.ones((3,))}
