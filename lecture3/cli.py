@@ -5,24 +5,28 @@
 `dataclass_from_args(args, "data", DataConfig)` builds the config from the flags the user gave.
 A subcommand is one entry of `COMMANDS`: name -> (help, add_arguments, run).
 
-Bad input (`DataError`, or a config that fails validation) prints one line `error: ...` and exits 2;
-anything else is a bug and keeps its traceback.
+The project's own errors (`Lecture3Error`: bad input, a config that fails validation, a missing
+extra) print one line `error: ...` and exit 2, a failed run (`TrainingError`) exits 1; anything else
+is a bug and keeps its traceback. A bad flag prints one line and a pointer to `--help`, not the usage.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import inspect
 import re
 import sys
 import time
 import types
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from lecture3.data import DataConfig, DataError, corpus_stats
+from lecture3.config import Config
+from lecture3.data import DataConfig, corpus_stats
 from lecture3.errors import Lecture3Error
 
 
@@ -30,8 +34,13 @@ class UsageError(Lecture3Error):
     """A flag value that the config rejected; reported like any other bad input."""
 
 
-# User errors: printed as one line with exit status 2. A subsystem with its own error type adds it here.
-USER_ERRORS: tuple[type[Exception], ...] = (UsageError, DataError)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line and where the list is, not the whole usage (66 lines)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the flags and values)\n")
+
+
 _NONE = "none"
 _FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
 
@@ -110,8 +119,13 @@ def _flag_spec(tp: Any, where: str) -> dict[str, Any]:
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, prefix: str, cls: type,
-                        aliases: dict[str, Sequence[str]] | None = None) -> None:
-    """Adds `--PREFIX.FIELD-NAME` for every field of the dataclass `cls` (plus optional `aliases`)."""
+                        aliases: dict[str, Sequence[str]] | None = None, *, defaults: Any = None) -> None:
+    """Adds `--PREFIX.FIELD-NAME` for every field of the dataclass `cls` (plus optional `aliases`).
+
+    The help shows each field's value in `defaults` (an instance of `cls`: the config a run starts from,
+    e.g. `Config().model`), or the field's own default without one. Pass the same instance as `base` to
+    `dataclass_from_args`, so that what --help says is what runs.
+    """
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     group = parser.add_argument_group(f"{prefix} ({cls.__name__})")
@@ -119,7 +133,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, prefix: str, cls: type,
         if not field.init:
             continue
         spec = _flag_spec(hints[field.name], f"{cls.__name__}.{field.name}")
-        if field.default is not dataclasses.MISSING:
+        if defaults is not None:
+            default = getattr(defaults, field.name)
+        elif field.default is not dataclasses.MISSING:
             default = field.default
         elif field.default_factory is not dataclasses.MISSING:
             default = field.default_factory()
@@ -149,14 +165,14 @@ def dataclass_from_args(args: argparse.Namespace, prefix: str, cls: type, base: 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     aliases = {"source": ["--source"], "tokenizer": ["--tokenizer"]}
-    add_dataclass_flags(parser, "data", DataConfig, aliases=aliases)
+    add_dataclass_flags(parser, "data", DataConfig, aliases=aliases, defaults=Config().data)
     parser.add_argument("--max-documents", type=int, default=None,
                         help="count only the first N documents of each split of a large tfds dataset "
                         "(one not read through the token cache)")
 
 
 def _run_data(args: argparse.Namespace) -> int:
-    cfg = dataclass_from_args(args, "data", DataConfig)
+    cfg = dataclass_from_args(args, "data", DataConfig, Config().data)  # the data `lecture3 train` reads
     start = time.perf_counter()
     stats = corpus_stats(cfg, max_documents=args.max_documents, progress=True)
     rows = [("source", stats["source"]), ("tokenizer", stats["tokenizer"]),
@@ -185,16 +201,12 @@ COMMANDS: dict[str, Command] = {
 
 def _register_model_commands() -> None:
     """train and generate import the model stack (jax, flax, optax, orbax): only add them here."""
-    from lecture3.checkpoint import CheckpointError
     from lecture3.generate_cli import add_generate_args, run_generate
-    from lecture3.sharding import MeshError
     from lecture3.train_cli import command as train_command
 
-    global USER_ERRORS
     COMMANDS["train"] = train_command()
     COMMANDS["generate"] = ("continue prompts with a trained or Hugging Face model, using the KV cache",
                             add_generate_args, run_generate)
-    USER_ERRORS = (*USER_ERRORS, CheckpointError, MeshError)
 
 
 _register_model_commands()
@@ -202,7 +214,7 @@ _register_model_commands()
 
 def build_parser() -> argparse.ArgumentParser:
     """The `lecture3` parser with one subparser per entry of `COMMANDS`."""
-    parser = argparse.ArgumentParser(prog="lecture3", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="lecture3", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
         add_args(sub.add_parser(name, help=help_text, description=help_text))
@@ -210,31 +222,79 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs `lecture3 COMMAND ...`; returns the exit status (2 for bad input)."""
+    """Runs `lecture3 COMMAND ...`; returns the exit status (2 for bad input, 1 for a failed run)."""
     _xla_cpu_defaults()
     args = build_parser().parse_args(argv)
     from lecture3.trainer import TrainingError
 
-    try:
-        return COMMANDS[args.command][2](args)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    with warnings.catch_warnings():
+        _quiet_known_warnings()
+        try:
+            return COMMANDS[args.command][2](args)
+        except Lecture3Error as e:  # the project's own errors only: a bug keeps its traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 1 if isinstance(e, TrainingError) else 2
+
+
+def _quiet_known_warnings() -> None:
+    """Third-party warnings that the documented commands trigger and that say nothing about the run."""
+
+
+_YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 
 
 def _xla_cpu_defaults() -> None:
     """On CPU, let XLA fuse matmuls through YNNPACK (measured ~0.8x step time, same losses; see
     benchmarks/train_step_vs_torch.py). Flags are read when the backend starts, so this must run before
-    any computation; LECTURE3_XLA_DEFAULTS=0 or a user's own setting of the flag turns it off."""
+    any computation; LECTURE3_XLA_DEFAULTS=0 or a user's own setting of the flag turns it off.
+
+    Only when the run will be on CPU (`_runs_on_cpu`) and the installed jaxlib knows the flag: XLA
+    aborts at backend start on a flag it does not know, and an accelerator has no use for it.
+    """
     import os
 
-    flag = "--xla_cpu_experimental_ynn_fusion_type"
     current = os.environ.get("XLA_FLAGS", "")
-    if os.environ.get("LECTURE3_XLA_DEFAULTS", "1") != "0" and flag not in current:
-        os.environ["XLA_FLAGS"] = f"{current} {flag}=dot".strip()
+    if (os.environ.get("LECTURE3_XLA_DEFAULTS", "1") != "0" and _YNN_FLAG not in current
+            and _runs_on_cpu(os.environ) and _jaxlib_knows(_YNN_FLAG)):
+        os.environ["XLA_FLAGS"] = f"{current} --{_YNN_FLAG}=dot".strip()
+
+
+def _runs_on_cpu(environ: typing.Mapping[str, str]) -> bool:
+    """Whether jax's default backend will be the CPU, decided without starting a backend: JAX_PLATFORMS
+    names cpu first, or it is unset and no accelerator (a `jax_plugins` module or entry point, as
+    jax[cuda] and jax[rocm] install, or libtpu) is installed. In doubt, not CPU: then nothing is set."""
+    import importlib.metadata
+    import importlib.util
+    import pkgutil
+
+    platforms = environ.get("JAX_PLATFORMS", environ.get("JAX_PLATFORM_NAME", "")).strip().lower()
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    if importlib.util.find_spec("libtpu") is not None or importlib.metadata.entry_points(group="jax_plugins"):
+        return False
+    spec = importlib.util.find_spec("jax_plugins")
+    return spec is None or not any(pkgutil.iter_modules(spec.submodule_search_locations or []))
+
+
+@functools.cache
+def _jaxlib_knows(flag: str) -> bool:
+    """Whether the installed jaxlib's XLA defines `flag`: its name is in one of jaxlib's shared libraries
+    (~10 ms when present, a full scan of ~350 MB, ~0.5 s, only when absent; once per process)."""
+    import importlib.util
+    import mmap
+    import pathlib
+
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    needle = flag.encode()
+    for root in spec.submodule_search_locations:
+        libs = [p for p in pathlib.Path(root).iterdir() if p.suffix in (".so", ".dylib", ".pyd", ".dll")]
+        for lib in sorted(libs, key=lambda p: -p.stat().st_size):  # the big one holds XLA
+            with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                if data.find(needle) >= 0:
+                    return True
+    return False
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@
 --hf reads a directory that `lecture3.hf.load_pretrained` reads; its tokenizer is the directory's
 tokenizer.json (encoded as transformers would, special tokens such as BOS included). Without one, give
 prompts as token ids with --tokens. --prompt and --tokens may be repeated: one batch, one row each.
+A prompt plus --max-new-tokens past the model's max_seq_len is an error before anything runs (--allow-long
+lets a RoPE / ALiBi / relative model extrapolate on purpose); more than a few hundred new tokens show a
+progress bar on stderr.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of mass p")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    parser.add_argument("--allow-long", action="store_true",
+                        help="let prompt + new tokens go past the model's max_seq_len: extrapolation the model "
+                        "was not trained for (rope, alibi, relative, none; never learned or sinusoidal tables)")
 
 
 class _FileTokenizer:
@@ -53,35 +59,39 @@ class _FileTokenizer:
 
 def _load(args: argparse.Namespace):
     """(cfg, params, tokenizer or None) from --hf or --workdir."""
+    from lecture3.cli import UsageError
+
     if args.hf is not None:
         from lecture3 import hf
 
         path = pathlib.Path(args.hf)
         if not (path / "config.json").is_file():
-            raise ValueError(f"--hf {path}: no config.json there; point it at a save_pretrained directory")
+            raise UsageError(f"--hf {path}: no config.json there; point it at a save_pretrained directory")
         cfg, params = hf.load_pretrained(path)
         tokenizer = _FileTokenizer(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
         return cfg, params, tokenizer
     path = pathlib.Path(args.workdir)
     if not path.is_dir():
-        raise ValueError(f"--workdir {path}: no such directory")
+        raise UsageError(f"--workdir {path}: no such directory")
     from lecture3.checkpoint import load_for_inference
 
     return load_for_inference(path)
 
 
 def _prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+    from lecture3.cli import UsageError
+
     prompts = []
     for text in args.tokens:
         try:
             prompts.append([int(t) for t in text.replace(" ", "").split(",") if t])
         except ValueError:
-            raise ValueError(f"--tokens {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+            raise UsageError(f"--tokens {text!r}: expected comma-separated integers, e.g. 1,2,3") from None
     if args.prompt and tokenizer is None:
-        raise ValueError(f"{args.hf} has no tokenizer.json: give the prompt as token ids with --tokens 1,2,3")
+        raise UsageError(f"{args.hf} has no tokenizer.json: give the prompt as token ids with --tokens 1,2,3")
     prompts += [tokenizer.encode(text) for text in args.prompt]
     if not prompts:
-        raise ValueError("nothing to continue: give --prompt TEXT or --tokens IDS")
+        raise UsageError("nothing to continue: give --prompt TEXT or --tokens IDS")
     return prompts
 
 
@@ -89,15 +99,12 @@ def run_generate(args: argparse.Namespace) -> int:
     """Load the model, generate, print each row (text when there is a tokenizer, else ids); 0 if done."""
     from lecture3.decoding import generate
 
-    try:
-        cfg, params, tokenizer = _load(args)
-        prompts = _prompts(args, tokenizer)
-        start = time.perf_counter()
-        out = generate(cfg, params, prompts, args.max_new_tokens, rng=jax.random.key(args.seed),
-                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    except ValueError as e:  # bad input: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, params, tokenizer = _load(args)  # bad input raises a Lecture3Error: `lecture3` prints one line
+    prompts = _prompts(args, tokenizer)
+    start = time.perf_counter()
+    out = generate(cfg, params, prompts, args.max_new_tokens, rng=jax.random.key(args.seed),
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   allow_past_max_seq_len=args.allow_long, progress=True)
     seconds = time.perf_counter() - start
     for row, prompt in enumerate(prompts):
         ids = out[row, : len(prompt) + args.max_new_tokens].tolist()

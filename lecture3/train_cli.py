@@ -20,8 +20,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     choices = ", ".join(f"{f}:{{{','.join(presets.sizes(f))}}}" for f in presets.names())
     parser.add_argument("--preset", default=None, metavar="FAMILY:SIZE",
                         help=f"start from a named model config, then apply --model.* flags. One of: {choices}")
+    run = Config()  # --help shows the values a run without the flag uses (config_from_args' base)
     for prefix, cls in SECTIONS:
-        add_dataclass_flags(parser, prefix, cls)
+        add_dataclass_flags(parser, prefix, cls, defaults=getattr(run, prefix))
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -86,6 +86,15 @@ def test_data_prints_corpus_statistics(corpus, tmp_path, capsys):
         assert key in out
 
 
+def test_data_reports_the_seq_len_that_training_validates_at(corpus, tmp_path, capsys):
+    """Without --data.seq-len, `lecture3 data` reads the data `lecture3 train` reads: Config().data."""
+    from lecture3.config import Config
+
+    code, out, _ = run_data(capsys, "--source", f"files:{corpus}/*.txt", "--data.data-dir",
+                            str(tmp_path / "c"), "--data.val-fraction", "0.5")
+    assert code == 0 and f"of {Config().data.seq_len + 1} tokens" in out, out
+
+
 def bad_inputs(corpus, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -2,15 +2,16 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lecture3 import accounting
+from lecture3 import accounting, decoding
 from lecture3.config import ModelConfig
-from lecture3.decoding import TRACES, decode, generate, prefill, sample_logits
+from lecture3.decoding import TRACES, GenerationError, decode, generate, prefill, sample_logits
 from lecture3.layers.kv_cache import cache_bytes, init_cache
 from lecture3.model import Transformer
 
@@ -209,9 +210,51 @@ def test_sample_logits_respects_top_k_top_p_and_the_distribution():
 def test_bad_input_is_a_clear_value_error(kwargs, match):
     cfg, params = model(LEARNED)
     args = dict(prompts=[[1, 2]], max_new_tokens=4, rng=jax.random.key(0)) | kwargs
-    with pytest.raises(ValueError, match=match) as err:
+    with pytest.raises(GenerationError, match=match) as err:  # a Lecture3Error: the CLI prints one line
         generate(cfg, params, args.pop("prompts"), args.pop("max_new_tokens"), **args)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_past_max_seq_len_is_an_error_before_any_compute_unless_asked_for_without_a_table(name, monkeypatch):
+    cfg, params = model(name)
+    new = cfg.max_seq_len - 1  # a 2-token prompt: one past
+
+    def compiled(*args, **kwargs):
+        raise AssertionError("the request reached the compiled prefill")
+
+    monkeypatch.setattr(decoding, "prefill", compiled)
+    with pytest.raises(GenerationError, match=rf"past max_seq_len={cfg.max_seq_len}: ask for at most {new - 1} "):
+        generate(cfg, params, [[1, 2]], new)
+    if cfg.position in decoding.TABLE_POSITIONS:  # a table has no row past max_seq_len, opt-in or not
+        with pytest.raises(GenerationError, match=f"{cfg.position}-position table of this model has"):
+            generate(cfg, params, [[1, 2]], new, allow_past_max_seq_len=True)
+    else:
+        with pytest.raises(AssertionError, match="reached the compiled prefill"):  # checks passed
+            generate(cfg, params, [[1, 2]], new, allow_past_max_seq_len=True)
+
+
+def test_rope_extrapolates_past_max_seq_len_on_request():
+    cfg, params = model(ROPE)
+    short = cfg.replace(max_seq_len=8)  # the same params: max_seq_len sizes no rope table
+    out = generate(short, params, PROMPTS, NEW, allow_past_max_seq_len=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(cached(ROPE)[0]))
+
+
+def test_progress_chunks_give_the_same_tokens_and_show_a_bar(monkeypatch, capsys):
+    cfg, params = model(ALIBI)
+    monkeypatch.setattr(decoding, "PROGRESS_CHUNK", 4)  # 9 new tokens: chunks of 4, 4, then 1
+    key = jax.random.key(3)
+    for kwargs in (dict(), dict(temperature=0.9, top_k=20, rng=key)):
+        plain, plain_logits = generate(cfg, params, PROMPTS, NEW, return_logits=True, **kwargs)
+        chunked, chunked_logits = generate(cfg, params, PROMPTS, NEW, return_logits=True, progress=True, **kwargs)
+        chex.assert_trees_all_equal(chunked, plain)
+        chex.assert_trees_all_close(chunked_logits, plain_logits, atol=1e-5)
+        chex.assert_shape(chunked, (len(PROMPTS), max(map(len, PROMPTS)) + NEW))
+        chex.assert_type(chunked, jnp.int32)
+        assert "generate: 100%" in capsys.readouterr().err
+    generate(cfg, params, PROMPTS, 3, progress=True)  # a short one: no bar
+    assert capsys.readouterr().err == ""
 
 
 HF_MODELS = {  # tiny random float32 checkpoints; the Mistral window (4) is shorter than the generation
@@ -259,26 +302,26 @@ def test_greedy_generate_matches_transformers(family, tmp_path):
 
 
 def test_generate_cli_from_hf_dir(tmp_path, capsys):
-    import argparse
-
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from lecture3 import hf
-    from lecture3.generate_cli import add_generate_args, run_generate
+    from lecture3.cli import main
 
     save_hf_model("llama-gqa", tmp_path)
-    parser = argparse.ArgumentParser()
-    add_generate_args(parser)
+    capsys.readouterr()  # transformers' own progress bar
 
     def run(*argv):
-        code = run_generate(parser.parse_args(["--hf", str(tmp_path), *argv]))
+        code = main(["generate", "--hf", str(tmp_path), *argv])
         captured = capsys.readouterr()
         return code, captured.out.splitlines(), captured.err
 
     code, _, err = run("--prompt", "w8 w9")
-    assert code == 2 and "no tokenizer.json" in err and "--tokens" in err and "Traceback" not in err
-    code, _, err = run("--tokens", "1,2", "--temperature", "1", "--top-p", "1.5")
-    assert code == 2 and "top_p=1.5 is invalid" in err
+    assert code == 2 and "no tokenizer.json" in err and "--tokens" in err and len(err.splitlines()) == 1
+    code, _, err = run("--tokens", "1,2", "--temperature", "1", "--top-p", "1.5", "--max-new-tokens", "8")
+    assert code == 2 and "top_p=1.5 is invalid" in err and len(err.splitlines()) == 1
+    code, _, err = run("--tokens", "1,2", "--max-new-tokens", "100000")  # max_position_embeddings=64
+    assert code == 2 and err.startswith("error: max_new_tokens=100000 takes a 2-token prompt to 100002 tokens, "
+                                        "past max_seq_len=64: ask for at most 62 new tokens") and "--allow-long" in err
 
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(61)}, unk_token="w0"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
