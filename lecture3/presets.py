@@ -106,7 +106,9 @@ PRESETS: dict[str, dict[str, ModelConfig]] = {
                    "1.5b": dict(d_model=1600, n_layers=48, n_heads=25)},
     ),
     "llama3": _sizes(
-        _LLAMA3, tiny=dict(_TINY, n_kv_heads=2, d_ff=192, rope_scaling=_LLAMA31_SCALING),
+        # tiny: the 3.1 scaling at the tiny context (original 64 < max_seq_len 256, as in 8192 < 131072)
+        _LLAMA3, tiny=dict(_TINY, n_kv_heads=2, d_ff=192,
+                           rope_scaling=dataclasses.replace(_LLAMA31_SCALING, original_max_position=64)),
         # Llama 3.2 1B / 3B: tied, 128k context through RoPE scaling factor 32
         published={"1b": dict(d_model=2048, n_layers=16, n_heads=32, d_ff=8192, tie_embeddings=True,
                                max_seq_len=131072, rope_scaling=_LLAMA32_SCALING),

@@ -5,6 +5,12 @@ dropped gain, bias or Gemma's 1 + w offset fails the comparison.
 """
 
 import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+import warnings
 
 import flax.linen as nn
 import jax
@@ -15,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from lecture3 import ModelConfig, RopeScaling, Transformer, hf  # noqa: E402
+from lecture3 import ModelConfig, RopeScaling, Transformer, hf, presets  # noqa: E402
 from lecture3.hf.families import canonical  # noqa: E402
 from lecture3.model import unstack_layers  # noqa: E402
 
@@ -251,3 +257,98 @@ def test_sharded_checkpoint_and_overrides(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b, np.float32), rtol=1e-2), params, sharded)
     with pytest.raises(ValueError, match="cannot override.*n_heads"):
         hf.load_pretrained(tmp_path / "one", n_heads=2)
+
+
+def test_errors_are_lecture3_errors_and_keep_their_builtin_types(tmp_path):
+    """The CLI prints lecture3's own errors as one line; callers catching ValueError / OSError still can."""
+    from lecture3.errors import Lecture3Error
+
+    with pytest.raises(Lecture3Error, match="not a directory") as err:
+        hf.load_pretrained(tmp_path / "nowhere")
+    assert isinstance(err.value, FileNotFoundError)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(hf.HFError, match="not supported"):
+        hf.load_pretrained(tmp_path)
+    transformers.LlamaConfig(**SMALL, hidden_act="tanh").save_pretrained(tmp_path)
+    with pytest.raises(hf.HFError, match="hidden_act='tanh'"):
+        hf.load_pretrained(tmp_path)
+
+
+@pytest.fixture
+def transformers_log():
+    """The WARNING-and-above records of transformers' loggers while a test runs (this module silences
+    them otherwise; transformers' root logger does not propagate, so caplog would not see them)."""
+    records, logger = [], logging.getLogger("transformers")
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+    transformers.logging.set_verbosity(level)
+
+
+@pytest.mark.parametrize("family", presets.names())
+def test_round_trip_of_every_tiny_preset_makes_transformers_say_nothing(family, tmp_path, transformers_log):
+    """A warning here is a preset that transformers finds suspicious (llama3:tiny's RoPE scaling was
+    `original_max_position` 8192 > its max_seq_len 256: four warnings per round trip)."""
+    cfg = presets.get(family, "tiny")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            hf.save_pretrained(cfg, random_params(cfg), tmp_path)
+        except hf.HFError:
+            pytest.skip(f"{family} has no Hugging Face family (PaLM, the lecture's consensus)")
+        back, _ = hf.load_pretrained(tmp_path)
+        transformers.AutoConfig.from_pretrained(tmp_path)
+    assert canonical(back) == canonical(cfg)
+    assert [r.getMessage() for r in transformers_log] == [] and [str(w.message) for w in caught] == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_get_the_mode_the_umask_gives(umask, tmp_path):
+    """safetensors writes through a 0o600 temporary file; the weights must be as readable as config.json."""
+    cfg = ModelConfig(**BASE)
+    old = os.umask(umask)
+    try:
+        hf.save_pretrained(cfg, random_params(cfg), tmp_path / "out")
+    finally:
+        os.umask(old)
+    for name in ("config.json", "model.safetensors"):
+        assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_without_the_hf_extra_lecture3_imports_and_hf_says_which_extra(tmp_path):
+    """A base install (no transformers, no safetensors): `import lecture3` works and does not import
+    them; using lecture3.hf is one line naming `lecture3[hf]`, in Python and from the CLI."""
+    script = f"""
+import sys, importlib.abc
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("transformers", "safetensors"):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+
+sys.meta_path.insert(0, NotInstalled())
+import lecture3
+from lecture3 import hf
+assert "transformers" not in sys.modules and "safetensors" not in sys.modules
+cfg = lecture3.presets.get("gpt2")
+try:
+    hf.save_pretrained(cfg, {{}}, {str(tmp_path / "out")!r})
+except ModuleNotFoundError as e:
+    assert isinstance(e, lecture3.hf.MissingExtraError), type(e)
+    print("python:", e)
+from lecture3.cli import main
+sys.exit(main(["generate", "--hf", {str(tmp_path / "dir")!r}, "--tokens", "1,2"]))
+"""
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr
+    want = "lecture3.hf needs transformers and safetensors"
+    assert proc.stdout.startswith(f"python: {want}") and "pip install 'lecture3[hf]'" in proc.stdout
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and want in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -4,8 +4,10 @@
     hf.save_pretrained(cfg, params, "out/")                  # AutoModelForCausalLM.from_pretrained("out/")
 
 Families: GPT-2, Llama, Mistral, Qwen2, Gemma 2, OLMo 2, GPT-NeoX (`FAMILIES`). A checkpoint feature
-lecture3 cannot compute, or a config the chosen family cannot express, is a ValueError naming the
-field; a config is expressible exactly when translating it to the family and back gives it again.
+lecture3 cannot compute, or a config the chosen family cannot express, is an `HFError` (a ValueError)
+naming the field; a config is expressible exactly when translating it to the family and back gives it
+again. transformers and safetensors come with the `hf` extra (`pip install 'lecture3[hf]'`); without
+them `import lecture3.hf` works and its functions raise `MissingExtraError`, one line naming the extra.
 
 Conventions checked against transformers: HF's sliding window (a query at i sees keys j with
 i - j < window) is lecture3's, so window sizes carry over unchanged; Gemma's norms store w with
@@ -18,7 +20,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import pathlib
+import stat
 
 import flax.linen as nn
 import jax
@@ -28,11 +32,12 @@ from flax import traverse_util
 
 from lecture3.config import ModelConfig
 from lecture3.hf import weights
+from lecture3.hf.errors import HFError, MissingExtraError, MissingFileError, require
 from lecture3.hf.families import FAMILIES, RUNTIME_FIELDS, Family, hf_config, mismatches
 from lecture3.layers.common import DTYPES
 from lecture3.model import Transformer, stack_layers, unstack_layers
 
-__all__ = ["FAMILIES", "load_pretrained", "save_pretrained"]
+__all__ = ["FAMILIES", "HFError", "MissingExtraError", "load_pretrained", "save_pretrained"]
 
 SAFETENSORS, INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
 
@@ -44,18 +49,17 @@ def _family_of(raw: dict, where: pathlib.Path) -> Family:
             return fam
     supported = ", ".join(f.architecture for f in FAMILIES.values())
     found = archs or raw.get("model_type")
-    raise ValueError(f"{where}: architecture {found!r} is not supported; supported: {supported}")
+    raise HFError(f"{where}: architecture {found!r} is not supported; supported: {supported}")
 
 
 def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
+    load_file = require("safetensors.numpy").load_file
     if (path / SAFETENSORS).is_file():
         return load_file(path / SAFETENSORS)
     if (path / INDEX).is_file():
         files = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
         return {k: v for f in files for k, v in load_file(path / f).items()}
-    raise FileNotFoundError(f"{path} has no {SAFETENSORS} (or {INDEX}); lecture3 reads safetensors only: "
+    raise MissingFileError(f"{path} has no {SAFETENSORS} (or {INDEX}); lecture3 reads safetensors only: "
                             "re-save the model with transformers' save_pretrained")
 
 
@@ -76,18 +80,17 @@ def _check_tree(cfg: ModelConfig, flat: dict, what: str) -> None:
     problems += [f"{k} has shape {got[k]}, expected {want[k]}" for k in sorted(set(want) & set(got))
                  if got[k] != want[k]]
     if problems:
-        raise ValueError(f"{what} do not match the config: " + "; ".join(problems[:8])
+        raise HFError(f"{what} do not match the config: " + "; ".join(problems[:8])
                          + (f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""))
 
 
 def _config(path: pathlib.Path) -> tuple[Family, ModelConfig]:
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a directory (expected one written by save_pretrained)")
+        raise MissingFileError(f"{path} is not a directory (expected one written by save_pretrained)")
     if not (path / CONFIG).is_file():
-        raise FileNotFoundError(f"{path} has no {CONFIG} (expected a directory written by save_pretrained)")
+        raise MissingFileError(f"{path} has no {CONFIG} (expected a directory written by save_pretrained)")
     family = _family_of(json.loads((path / CONFIG).read_text()), path / CONFIG)
-    import transformers
-
+    transformers = require("transformers")
     hf = getattr(transformers, family.config_class).from_pretrained(path)
     return family, ModelConfig(**family.to_lecture3(hf))
 
@@ -102,7 +105,7 @@ def load_pretrained(path: str | pathlib.Path, **overrides) -> tuple[ModelConfig,
     family, cfg = _config(path)
     bad = sorted(set(overrides) - set(RUNTIME_FIELDS))
     if bad:
-        raise ValueError(f"load_pretrained cannot override {bad}: they change what the checkpoint computes; "
+        raise HFError(f"load_pretrained cannot override {bad}: they change what the checkpoint computes; "
                          f"allowed: {', '.join(RUNTIME_FIELDS)}")
     cfg = cfg.replace(**overrides)
     tensors, dtype = _read_tensors(path), DTYPES[cfg.param_dtype]
@@ -117,7 +120,7 @@ def load_pretrained(path: str | pathlib.Path, **overrides) -> tuple[ModelConfig,
     known = {r[0] for r in rules} | ({weights.head_name(family)} if cfg.tie_embeddings else set())
     unexpected = sorted(k for k in set(tensors) - known if not k.endswith(weights.IGNORED_SUFFIXES))
     if missing or unexpected:
-        raise ValueError(f"{path}: the {family.title} checkpoint does not match its config.json: "
+        raise HFError(f"{path}: the {family.title} checkpoint does not match its config.json: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     _check_tree(cfg, flat, f"{path}: the {family.title} tensors")
     tree = traverse_util.unflatten_dict(flat, sep="/")
@@ -128,10 +131,10 @@ def load_pretrained(path: str | pathlib.Path, **overrides) -> tuple[ModelConfig,
 def _choose(cfg: ModelConfig, family: str | None) -> Family:
     if family is not None:
         if family not in FAMILIES:
-            raise ValueError(f"family={family!r} is not supported; choose one of {', '.join(FAMILIES)}")
+            raise HFError(f"family={family!r} is not supported; choose one of {', '.join(FAMILIES)}")
         bad = mismatches(FAMILIES[family], cfg)
         if bad:
-            raise ValueError(f"{FAMILIES[family].title} cannot express this config: " + "; ".join(bad))
+            raise HFError(f"{FAMILIES[family].title} cannot express this config: " + "; ".join(bad))
         return FAMILIES[family]
     reasons = {}
     for fam in FAMILIES.values():
@@ -139,7 +142,7 @@ def _choose(cfg: ModelConfig, family: str | None) -> Family:
         if not reasons[fam.name]:
             return fam
     best = min(reasons, key=lambda name: len(reasons[name]))
-    raise ValueError(f"no supported Hugging Face family can express this config; the closest, {best}, "
+    raise HFError(f"no supported Hugging Face family can express this config; the closest, {best}, "
                      "differs in: " + "; ".join(reasons[best]))
 
 
@@ -148,14 +151,14 @@ def save_pretrained(cfg: ModelConfig, params: dict, path: str | pathlib.Path, fa
 
     `family` is one of `FAMILIES` (default: the first that expresses `cfg` exactly). Returns its name.
     """
-    from safetensors.numpy import save_file
-
+    save_file = require("safetensors.numpy").save_file
+    require("transformers")  # before any work: hf_config needs it
     fam = _choose(cfg, family)
     params = jax.tree.map(np.asarray, nn.unbox(params))  # numpy: slicing and layout changes on the host
     try:
         layers = {f"layer_{i}": layer for i, layer in enumerate(unstack_layers(cfg, params))}
     except (KeyError, IndexError) as e:
-        raise ValueError(f"the params do not match the config (scan_layers={cfg.scan_layers}): "
+        raise HFError(f"the params do not match the config (scan_layers={cfg.scan_layers}): "
                          f"no layer entry {e}") from e
     top = {k: v for k, v in params.items() if k != "layers" and not k.startswith("layer_")}
     flat = traverse_util.flatten_dict({**top, **layers}, sep="/")
@@ -168,4 +171,7 @@ def save_pretrained(cfg: ModelConfig, params: dict, path: str | pathlib.Path, fa
     path.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(path)
     save_file(tensors, path / SAFETENSORS, metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0o600): give the weights the mode that
+    # config.json, opened the ordinary way just before, got from the umask (0o644 under umask 022)
+    os.chmod(path / SAFETENSORS, stat.S_IMODE((path / CONFIG).stat().st_mode))
     return fam.name

@@ -1,6 +1,6 @@
 """The seven Hugging Face families as config translations: HF config object <-> ModelConfig fields.
 
-Each family has `to_lecture3(hf) -> dict` (ModelConfig fields; raises ValueError on an HF feature lecture3
+Each family has `to_lecture3(hf) -> dict` (ModelConfig fields; raises HFError on an HF feature lecture3
 cannot compute) and `to_hf(cfg) -> dict` (arguments of the HF config class). `to_hf` is a best effort:
 whether a lecture3 config is expressible is decided by translating it back (`mismatches`), so the two
 directions can never disagree.
@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lecture3.config import ModelConfig, RopeScaling
+from lecture3.hf.errors import HFError, require
 
 # HF activation name -> lecture3, for plain MLPs (GPT-2, GPT-NeoX) and gated ones (gate_proj/up_proj).
 PLAIN_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu",
@@ -28,8 +29,8 @@ RUNTIME_FIELDS = ("init_std", "embed_dropout", "resid_dropout", "attn_dropout", 
                   "scan_layers", "remat", "document_mask")
 
 
-def unsupported(family: str, field: str, value: Any, why: str) -> ValueError:
-    return ValueError(f"{family} config {field}={value!r} cannot be loaded: {why}")
+def unsupported(family: str, field: str, value: Any, why: str) -> HFError:
+    return HFError(f"{family} config {field}={value!r} cannot be loaded: {why}")
 
 
 def _act(family: str, field: str, name: str, table: dict) -> str:
@@ -248,18 +249,18 @@ FAMILIES = {f.name: f for f in (
 
 def hf_config(family: Family, cfg: ModelConfig):
     """The transformers config object for `cfg` (best effort; see `mismatches`)."""
-    import transformers
-
+    transformers = require("transformers")
     kwargs = family.to_hf(cfg)
     cls = getattr(transformers, family.config_class)
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # defaults may lie outside a small vocab:
+        value = kwargs.get(name, getattr(cls, name, None))      # None before transformers warns about it
+        if isinstance(value, int) and value >= cfg.vocab_size:
+            kwargs[name] = None
     try:
         hf = cls(**kwargs)
     except Exception as e:  # transformers validates its configs (strict dataclasses)
-        raise ValueError(f"{family.title} cannot express this config: transformers rejects it ({e})") from e
+        raise HFError(f"{family.title} cannot express this config: transformers rejects it ({e})") from e
     hf.architectures = [family.architecture]
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):  # defaults may lie outside a small vocab
-        if isinstance(getattr(hf, name, None), int) and getattr(hf, name) >= cfg.vocab_size:
-            setattr(hf, name, None)
     return hf
 
 
