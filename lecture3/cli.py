@@ -21,7 +21,6 @@ import sys
 import time
 import types
 import typing
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -227,17 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from lecture3.trainer import TrainingError
 
-    with warnings.catch_warnings():
-        _quiet_known_warnings()
-        try:
-            return COMMANDS[args.command][2](args)
-        except Lecture3Error as e:  # the project's own errors only: a bug keeps its traceback
-            print(f"error: {e}", file=sys.stderr)
-            return 1 if isinstance(e, TrainingError) else 2
-
-
-def _quiet_known_warnings() -> None:
-    """Third-party warnings that the documented commands trigger and that say nothing about the run."""
+    try:
+        return COMMANDS[args.command][2](args)
+    except Lecture3Error as e:  # the project's own errors only: a bug keeps its traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingError) else 2
 
 
 _YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
