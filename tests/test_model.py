@@ -31,7 +31,7 @@ BASE = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=
 
 
 # tiny models compile far more than they compute: see conftest.little_xla_optimisation
-pytestmark = pytest.mark.usefixtures("little_xla_optimisation")
+pytestmark = [pytest.mark.usefixtures("little_xla_optimisation"), pytest.mark.slow]
 
 
 def init(cfg: ModelConfig, seed: int = 0) -> dict:
@@ -103,6 +103,7 @@ OPTIONS = [
     Option("rope_theta", (100.0,), "logits"),
     Option("rope_fraction", (0.5,), "logits"),
     Option("rope_scaling", (RopeScaling(original_max_position=64),), "logits"),
+    Option("rope_layout", ("interleaved",), "logits"),
     Option("relative_buckets", (8,), "params", (("position", "relative"),)),
     # with 8 buckets only distances < 4 are exact: the log buckets of 4..11 depend on max_distance
     Option("relative_max_distance", (8,), "logits", (("position", "relative"), ("relative_buckets", 8))),

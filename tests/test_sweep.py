@@ -43,6 +43,7 @@ AXES: dict[str, list[dict]] = {
     "position": [dict(position=v) for v in ("rope", "sinusoidal", "learned", "alibi", "relative", "none")],
     "rope_fraction": [dict(rope_fraction=1.0), dict(rope_fraction=0.5)],
     "rope_scaling": [dict(rope_scaling=None), dict(rope_scaling=RopeScaling(factor=4.0, original_max_position=8))],
+    "rope_layout": [dict(rope_layout="half"), dict(rope_layout="interleaved")],
     "n_kv_heads": [dict(n_kv_heads=None), dict(n_kv_heads=2), dict(n_kv_heads=1)],  # MHA, GQA, MQA
     "head_dim": [dict(head_dim=None), dict(head_dim=16)],
     "qk_norm": [dict(qk_norm=None), dict(qk_norm="per_head"), dict(qk_norm="full")],
@@ -89,6 +90,7 @@ INVALID[pair("block", 0, "parallel_norm", 1)] = "a serial block has one norm per
 for _p in range(1, len(AXES["position"])):
     INVALID[pair("position", _p, "rope_fraction", 1)] = "rope_fraction is RoPE's"
     INVALID[pair("position", _p, "rope_scaling", 1)] = "rope_scaling is RoPE's"
+    INVALID[pair("position", _p, "rope_layout", 1)] = "rope_layout is RoPE's"
 
 
 def all_pairs() -> set[Pair]:
@@ -186,14 +188,29 @@ def run(cfg: ModelConfig, backward: bool):
     return loss(init())[1], None
 
 
-def test_sweep_runs_every_pair_with_finite_outputs():
-    back = set(backward_rows())
-    assert len(back) <= 12
-    for r, row in enumerate(ROWS):
-        cfg = config(row)
-        logits, grads = run(cfg, r in back)
-        assert logits.shape == (B, T, V) and logits.dtype == jnp.float32, row
-        assert bool(jnp.all(jnp.isfinite(logits))), f"non-finite logits: {cfg}"
-        if grads is not None:
-            for path, g in jax.tree_util.tree_leaves_with_path(grads):
-                assert bool(jnp.all(jnp.isfinite(g))), f"non-finite gradient {jax.tree_util.keystr(path)}: {cfg}"
+BACKWARD = set(backward_rows())
+
+
+def row_id(r: int) -> str:
+    """A readable test id: the row number and its headline choices, e.g. "row07-layernorm-post-serial-gelu-alibi"."""
+    row = ROWS[r]
+    names = [AXES[a][row[a]][a] for a in ("norm", "norm_position", "block", "activation", "position")]
+    return "-".join([f"row{r:02d}", *names] + ["scan"] * row["scan_layers"] + ["backward"] * (r in BACKWARD))
+
+
+def test_backward_rows_are_few():
+    assert len(BACKWARD) <= 12
+
+
+@pytest.mark.parametrize("r", range(len(ROWS)), ids=row_id)
+@pytest.mark.slow
+def test_sweep_row_runs_with_finite_outputs(r):
+    """One covering row per test: xdist spreads them, and one bad row does not hide the others."""
+    row = ROWS[r]
+    cfg = config(row)
+    logits, grads = run(cfg, r in BACKWARD)
+    assert logits.shape == (B, T, V) and logits.dtype == jnp.float32, row
+    assert bool(jnp.all(jnp.isfinite(logits))), f"non-finite logits: {cfg}"
+    if grads is not None:
+        for path, g in jax.tree_util.tree_leaves_with_path(grads):
+            assert bool(jnp.all(jnp.isfinite(g))), f"non-finite gradient {jax.tree_util.keystr(path)}: {cfg}"

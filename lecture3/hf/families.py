@@ -272,6 +272,7 @@ def canonical(cfg: ModelConfig) -> dict:
              windows=tuple(cfg.window(i) for i in range(cfg.n_layers)))  # the pattern, unrolled
     for name in ("d_ff_multiple_of", "layer_pattern", "sliding_window", "relative_buckets", "relative_max_distance"):
         d.pop(name)
+    d.pop("rope_layout")  # a permutation of q/k head dims: weights.rules saves either layout as HF's "half"
     if cfg.position != "rope":
         for name in ("rope_theta", "rope_fraction", "rope_scaling"):
             d.pop(name)

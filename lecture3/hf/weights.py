@@ -8,6 +8,10 @@ unscanned params tree ("layer_3/attn/q").
 Arrays are numpy: layout changes happen on the host, with no device dispatch per tensor. torch Linear
 weights are [out, in]; GPT-2's Conv1D weights are [in, out]; lecture3 keeps q/k/v as [D, heads, H], o as
 [N, H, D] and MLP matrices as [D, F] / [F, D].
+
+Every RoPE family on the Hub rotates pairs (i, i + H/2) ("half"); a `rope_layout="interleaved"` config is
+the same function once q's and k's head dims are permuted, so its rules permute them on the way out and
+back (`rope_permutation`, as transformers' convert_llama_weights_to_hf does for Meta's checkpoints).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 
 from lecture3.config import ModelConfig
 from lecture3.hf.families import Family
+from lecture3.layers.positions import rope_permutation
 
 Rule = tuple[str, tuple[str, ...], Callable, Callable]
 
@@ -140,6 +145,25 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attention.bias", ".atte
                     ".rotary_emb.inv_freq")
 
 
+# lecture3 params whose last axis is (a multiple of) q's or k's head dims, in RoPE's pairing
+ROTATED = ("q", "k", "q_bias", "k_bias", "q_norm", "k_norm", "q_norm_bias", "k_norm_bias")
+
+
+def to_half_layout(rule: Rule, perm: np.ndarray) -> Rule:
+    """`rule` with q/k arrays taken from lecture3's interleaved head dims to HF's half layout (and back)."""
+    name, paths, load, save = rule
+    hit = [p.split("/")[-2:-1] == ["attn"] and p.rsplit("/", 1)[-1] in ROTATED for p in paths]
+    if not any(hit):
+        return rule
+    back = np.argsort(perm)
+
+    def take(a, idx):  # [..., heads * H] or [..., heads, H]: reorder each head's H dims
+        return a.reshape(*a.shape[:-1], -1, len(idx))[..., idx].reshape(a.shape)
+
+    return (name, paths, lambda w: tuple(take(a, back) if h else a for a, h in zip(load(w), hit, strict=True)),
+            lambda *arrs: save(*(take(a, perm) if h else a for a, h in zip(arrs, hit, strict=True))))
+
+
 def rules(family: Family, cfg: ModelConfig) -> list[Rule]:
     """Every tensor of this family's checkpoint for `cfg`, with where it lives in lecture3's params."""
     embed, table, final, head, prefix, layer = LAYOUTS[family.layout]
@@ -152,6 +176,10 @@ def rules(family: Family, cfg: ModelConfig) -> list[Rule]:
         out.append(transposed(head, "head"))
     for i in range(cfg.n_layers):
         out += layer(family, cfg, prefix.format(i), f"layer_{i}/")
+    if cfg.position == "rope" and cfg.rope_layout == "interleaved":
+        h = cfg.resolved_head_dim
+        perm = rope_permutation(h, int(h * cfg.rope_fraction))
+        out = [to_half_layout(r, perm) for r in out]
     return out
 
 

@@ -100,7 +100,8 @@ class Attention(nn.Module):
             q, k = self.qk_norm(q, "q_norm"), self.qk_norm(k, "k_norm")
         if cfg.position == "rope":
             inv_freq = pos.rope_frequencies(int(h * cfg.rope_fraction), cfg.rope_theta, cfg.rope_scaling)
-            q, k = pos.apply_rope(q, positions, inv_freq), pos.apply_rope(k, positions, inv_freq)
+            q = pos.apply_rope(q, positions, inv_freq, cfg.rope_layout)
+            k = pos.apply_rope(k, positions, inv_freq, cfg.rope_layout)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
 

@@ -39,20 +39,39 @@ def rope_frequencies(rotary_dims: int, theta: float, scaling: RopeScaling | None
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate pairs (i, i + R/2) of the first R = 2 len(inv_freq) dims of each head by position * freq.
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, layout: str = "half") -> jax.Array:
+    """Rotate pairs of the first R = 2 len(inv_freq) dims of each head by position * freq; dims past R pass
+    through unrotated (GPT-NeoX's partial rotary).
 
-    x: [B, T, N, H]; positions: int[B, T]. The "rotate half" layout of GPT-NeoX and Hugging Face Llama;
-    dims past R pass through unrotated (GPT-NeoX's partial rotary).
+    x: [B, T, N, H]; positions: int[B, T]. `layout` says which dims form pair i: "half" rotates (i, i + R/2)
+    (GPT-NeoX, Hugging Face Llama), "interleaved" rotates (2i, 2i + 1) (RoFormer, GPT-J, Meta's Llama).
+    The two are one model up to a permutation of q's and k's head dims (`rope_permutation`).
     """
     r = 2 * inv_freq.shape[0]
     angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # [B, T, R/2]
     cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, R/2]
     sin = jnp.sin(angles)[:, :, None, :]
     x32 = x.astype(jnp.float32)
-    x1, x2, rest = x32[..., : r // 2], x32[..., r // 2 : r], x32[..., r:]
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
-    return rotated.astype(x.dtype)
+    rot, rest = x32[..., :r], x32[..., r:]
+    if layout == "half":
+        x1, x2 = rot[..., : r // 2], rot[..., r // 2 :]
+        rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    elif layout == "interleaved":
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]  # [B, T, N, R/2] each
+        rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(rot.shape)
+    else:
+        raise ValueError(f"rope layout {layout!r} is invalid: expected 'half' or 'interleaved'")
+    return jnp.concatenate([rotated, rest], axis=-1).astype(x.dtype)
+
+
+def rope_permutation(head_dim: int, rotary_dims: int) -> np.ndarray:
+    """Head-dim indices p with half-layout dim j = interleaved dim p[j]: (0, 2, .., R-2, 1, 3, .., R-1, R, ..).
+
+    Taking q's and k's head dims in this order turns an "interleaved" model into the same function in the
+    "half" layout (the permutation of Hugging Face's convert_llama_weights_to_hf); argsort(p) goes back.
+    """
+    return np.concatenate([np.arange(0, rotary_dims, 2), np.arange(1, rotary_dims, 2),
+                           np.arange(rotary_dims, head_dim)])
 
 
 def alibi_slopes(n_heads: int) -> np.ndarray:
