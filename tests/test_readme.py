@@ -1,0 +1,101 @@
+"""Every snippet of README.md runs as written: ```python blocks as scripts, `>>>` blocks as doctests,
+```bash blocks line by line, each in a fresh directory with the installed package (as a new user would).
+
+`pip install ...` prefixes are dropped: the package is already installed, as .ci/run does. The test-suite
+command is not run (it is this suite). Snippets that train, or that run a benchmark, are `slow`.
+"""
+
+import doctest
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```", re.S | re.M)
+NOT_RUN = {"python -m pytest -q -n 2": "it is this test suite"}
+SLOW = ("lecture3 train", "benchmarks/", "--workdir runs/default")
+
+
+def snippets() -> list:
+    """(id, language, code) of every block, the id from its section heading."""
+    out, counts = [], {}
+    for m in BLOCK.finditer(README):
+        heading = re.findall(r"^## (.+)$", README[: m.start()], re.M)
+        name = re.sub(r"\W+", "-", (heading[-1] if heading else "top").lower()).strip("-")
+        counts[name] = counts.get(name, 0) + 1
+        ident = f"{name}-{counts[name]}"
+        slow = m[1] == "bash" and any(s in m[2] for s in SLOW)
+        out.append(pytest.param(m[1], m[2], id=ident, marks=[pytest.mark.slow] if slow else []))
+    return out
+
+
+def script(block: str) -> str:
+    """The block as a bash script: `pip install ... &&` prefixes dropped, the NOT_RUN commands left out."""
+    lines = [re.sub(r"^pip install [^&]*&&\s*", "", line) for line in block.splitlines()]
+    return "".join(f"{line}\n" for line in lines
+                   if not line.startswith("pip install") and not any(text in line for text in NOT_RUN))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A new user's environment: a data cache shared by this module's snippets, and the machine's devices
+    (not the 8 simulated ones of conftest)."""
+    env = {**os.environ, "LECTURE3_DATA_DIR": str(tmp_path_factory.mktemp("data-cache"))}
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    return env
+
+
+def clone_dir(path: pathlib.Path) -> pathlib.Path:
+    """A fresh working directory with the clone's benchmarks/, as in a checkout (runs/ starts empty)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "benchmarks").symlink_to(ROOT / "benchmarks")
+    return path
+
+
+@pytest.fixture(scope="module")
+def default_run(env, tmp_path_factory):
+    """A directory with runs/default, which the Generate snippet continues: a short run of the quick
+    start's command (the quick-start test runs it in full)."""
+    cwd = clone_dir(tmp_path_factory.mktemp("default-run"))
+    run(["lecture3", "train", "--train.steps", "10", "--train.log-every", "5"], cwd, env)
+    return cwd
+
+
+def run(argv, cwd, env, timeout=900):
+    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_readme_has_the_snippets_this_test_runs():
+    langs = [p.values[0] for p in snippets()]
+    assert langs.count("python") >= 4 and langs.count("bash") >= 8
+    assert "pip install -e . && lecture3 train" in README
+
+
+@pytest.mark.parametrize("lang,code", snippets())
+def test_snippet_runs_as_written(lang, code, env, tmp_path, request):
+    home = clone_dir(tmp_path / "clone")
+    if lang == "python" and code.lstrip().startswith(">>>"):
+        test = doctest.DocTestParser().get_doctest(code, {}, "README", "README.md", 0)
+        runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+        runner.run(test)
+        assert runner.summarize(verbose=False).failed == 0
+        return
+    if lang == "python":
+        run([sys.executable, "-c", code], home, env)
+        return
+    if "--workdir runs/default" in code:
+        home = request.getfixturevalue("default_run")
+    run(["bash", "-e", "-o", "pipefail", "-c", script(code)], home, env)
+
+
+def test_script_drops_the_install_and_the_test_suite():
+    assert script("pip install -e . && lecture3 train\n") == "lecture3 train\n"
+    assert script('pip install -e ".[test]" && python -m pytest -q -n 2\n') == ""
+    assert script("a --x 1 \\\n    --y 2\n") == "a --x 1 \\\n    --y 2\n"
