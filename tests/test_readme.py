@@ -99,3 +99,31 @@ def test_script_drops_the_install_and_the_test_suite():
     assert script("pip install -e . && lecture3 train\n") == "lecture3 train\n"
     assert script('pip install -e ".[test]" && python -m pytest -q -n 2\n') == ""
     assert script("a --x 1 \\\n    --y 2\n") == "a --x 1 \\\n    --y 2\n"
+
+
+def test_core_dependencies_are_what_the_package_imports():
+    """pyproject's dependencies are the distributions lecture3/ imports (anywhere, lazily included), the
+    `hf` extra holds the two only lecture3.hf imports, and nothing else is core (matplotlib is `plot`)."""
+    import ast
+    import importlib.metadata
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(reqs):
+        return {re.split(r"[<>=\[ ;]", r)[0].lower().replace("_", "-") for r in reqs if not r.startswith("lecture3")}
+
+    imported = set()
+    for path in (ROOT / "lecture3").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    dists = importlib.metadata.packages_distributions()
+    used = {d.lower().replace("_", "-") for m in imported - set(sys.stdlib_module_names) - {"lecture3"}
+            for d in dists.get(m, [m])}
+    extras = project["optional-dependencies"]
+    assert names(extras["hf"]) == {"transformers", "safetensors"}
+    assert used - names(extras["hf"]) == names(project["dependencies"]) - {"jaxlib"}
+    assert {"lecture3[hf,plot]"} <= set(extras["test"]) and "matplotlib" in names(extras["plot"])
