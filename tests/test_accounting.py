@@ -141,6 +141,7 @@ def test_local_layers_charge_their_window():
     assert f["forward_attention"] < dense["forward_attention"]
 
 
+@pytest.mark.slow
 def test_forward_flops_agree_with_xla_cost_analysis():
     """XLA counts every op of the compiled forward (matmuls, softmax, norms, ...); ours only the matmuls and
     attention products, the dense T x T that the masked kernel computes (causal=False)."""

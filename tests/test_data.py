@@ -102,6 +102,7 @@ def test_bytes_tokenizer_round_trips_any_text():
         assert max(ids, default=0) < 256 and tok.decode(ids) == text
 
 
+@pytest.mark.slow
 def test_bpe_is_trained_cached_and_round_trips(cfg, tmp_path):
     bpe_cfg = dataclasses.replace(cfg, tokenizer="bpe:300")
     tok = load_tokenizer(bpe_cfg)
@@ -119,6 +120,7 @@ def test_bpe_is_trained_cached_and_round_trips(cfg, tmp_path):
     assert from_file.encode(TRICKY[2]) == tok.encode(TRICKY[2]) and from_file.eos_id == tok.eos_id
 
 
+@pytest.mark.slow
 def test_sentencepiece_model_file(corpus_dir, tmp_path):
     import sentencepiece as spm
 
@@ -257,6 +259,7 @@ def test_validation_set_is_fixed_and_whole(cfg):
         validation_batches(dataclasses.replace(cfg, seq_len=100_000), 1)
 
 
+@pytest.mark.slow
 def test_tfds_source_reads_a_dataset_built_here(cfg):
     # The files source's build is a prepared tfds dataset: read it back by name, through tfds.
     folder = os.path.dirname(os.path.dirname(open_corpus(cfg).builder.data_dir))
@@ -298,12 +301,14 @@ def test_global_batch_assembles_on_the_mesh(cfg):
         np.testing.assert_array_equal(np.asarray(v), local[k])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(cfg):
     expected = batches(make_train_iterator(cfg, 4), 3)
     it = make_train_iterator(dataclasses.replace(cfg, num_workers=1), 4)
     assert all(same(x, y) for x, y in zip(expected, batches(it, 3), strict=True))
 
 
+@pytest.mark.slow
 def test_stdlib_is_the_default_corpus(tmp_path):
     local = DataConfig(data_dir=str(tmp_path / "cache"))
     stats = corpus_stats(local)

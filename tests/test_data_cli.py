@@ -136,6 +136,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing_half_built(case, corpus
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_python_dash_m_reports_bad_input_without_traceback(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-m", "lecture3", "data", "--source", f"files:{tmp_path}/*.none"],

@@ -15,6 +15,8 @@ from lecture3.decoding import TRACES, GenerationError, decode, generate, prefill
 from lecture3.layers.kv_cache import cache_bytes, init_cache
 from lecture3.model import Transformer
 
+pytestmark = pytest.mark.slow  # compiles models or runs the trainer: the fast tier skips it
+
 BASE = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, init_std=0.2, max_seq_len=64)
 LOCAL = dict(sliding_window=4)  # shorter than every generated sequence (prompt 7 + 9 new)
 SCAN = dict(scan_layers=True, n_layers=4)

@@ -4,12 +4,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lecture3 import Transformer, diagnostics
 from lecture3.config import ModelConfig
 from lecture3.model import stack_layers, unstack_layers
 
 
+@pytest.mark.slow
 def test_layer_norms_are_per_layer_in_order_scanned_or_not():
     cfg = ModelConfig(d_model=32, n_layers=4, n_heads=4, layer_pattern=("local", "global"), sliding_window=4,
                       max_seq_len=16)
@@ -27,6 +29,7 @@ def test_layer_norms_are_per_layer_in_order_scanned_or_not():
     assert np.all(np.diff(norms[::2]) > 0)  # layers 0, 2 have the same shapes: the scale shows
 
 
+@pytest.mark.slow
 def test_per_layer_metrics_and_flattening():
     cfg = ModelConfig(d_model=16, n_layers=2, n_heads=2, max_seq_len=8)
     params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(1), jnp.zeros((1, 4), jnp.int32))["params"])

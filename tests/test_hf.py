@@ -25,6 +25,8 @@ from lecture3 import ModelConfig, RopeScaling, Transformer, hf, presets  # noqa:
 from lecture3.hf.families import canonical  # noqa: E402
 from lecture3.model import unstack_layers  # noqa: E402
 
+pytestmark = pytest.mark.slow  # round trips through transformers: the fast tier skips them
+
 torch.set_default_dtype(torch.float32)
 transformers.logging.set_verbosity_error()
 

@@ -294,6 +294,7 @@ def test_attention_softcap_bounds_logits():
     assert reported == uncapped
 
 
+@pytest.mark.slow
 def test_gqa_query_head_n_reads_kv_head_n_div_g():
     b, s, n, kv, h = 2, 6, 6, 2, 8
     q, k, v = jnp.asarray(randn(b, s, n, h)), jnp.asarray(randn(b, s, kv, h)), jnp.asarray(randn(b, s, kv, h))

@@ -16,6 +16,7 @@ def _batch(seed, b=2, t=5, v=7):
     return logits, {"targets": targets, "loss_mask": mask}
 
 
+@pytest.mark.slow
 def test_label_smoothing_gradient_is_the_smoothed_target_formula():
     logits, batch = _batch(0)
     e, v = 0.1, logits.shape[-1]

@@ -74,6 +74,7 @@ UNDECAYED = ("layer_0/attn_norm/scale", "layer_0/attn_norm/bias", "layer_0/attn/
              "layer_0/mlp/down_bias", "layer_0/attn/o_bias", "final_norm/scale", "embed", "pos_embed", "head")
 
 
+@pytest.mark.slow
 def test_decay_mask_leaves_norms_biases_and_embeddings_undecayed():
     params = nn.unbox(Transformer(MASK_CFG).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
     flat = _flat(decay_mask(params))
@@ -94,6 +95,7 @@ def test_decay_mask_leaves_norms_biases_and_embeddings_undecayed():
         chex.assert_trees_all_equal(leaf, jnp.zeros_like(leaf))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_decay_mask_is_the_same_on_boxed_params(scan):
     """`Transformer(cfg).init(...)["params"]` is boxed (LogicallyPartitioned, last key `value`): with zero

@@ -18,7 +18,7 @@ from lecture3.layers.attention import attention_mask, dot_product_attention
 from lecture3.layers.common import dropout
 from lecture3.model import Transformer
 
-pytestmark = pytest.mark.usefixtures("little_xla_optimisation")
+pytestmark = [pytest.mark.usefixtures("little_xla_optimisation"), pytest.mark.slow]
 
 RNG = np.random.default_rng(0)
 B, T, N, K, H = 2, 6, 4, 2, 8

@@ -108,6 +108,7 @@ def random_params(cfg, tokens):
 
 
 @pytest.mark.parametrize("family", presets.names())
+@pytest.mark.slow
 def test_tiny_runs_a_real_forward_pass(family):
     """Finite logits of the right shape; row 1 is row 0 with its first token changed, so the first token
     reaches later logits through global layers and, in all-local Mistral, stops at the stack's reach."""

@@ -79,6 +79,7 @@ def test_readme_has_the_snippets_this_test_runs():
 
 
 @pytest.mark.parametrize("lang,code", snippets())
+@pytest.mark.slow
 def test_snippet_runs_as_written(lang, code, env, tmp_path, request):
     home = clone_dir(tmp_path / "clone")
     if lang == "python" and code.lstrip().startswith(">>>"):

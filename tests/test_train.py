@@ -13,6 +13,8 @@ from lecture3 import train as T
 from lecture3.config import MeshConfig, ModelConfig, TrainConfig
 from lecture3.optim import schedule
 
+pytestmark = pytest.mark.slow  # compiles models or runs the trainer: the fast tier skips it
+
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=259, max_seq_len=64)
 
 

@@ -14,6 +14,8 @@ from train_helpers import cli_flags, tiny_config
 
 from lecture3 import cli, trainer
 
+pytestmark = pytest.mark.slow  # compiles models or runs the trainer: the fast tier skips it
+
 REPO = Path(__file__).resolve().parents[1]
 NONDETERMINISTIC = {"tokens_per_s", "mfu"}
 

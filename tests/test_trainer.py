@@ -57,6 +57,7 @@ def test_metrics_lines_are_strict_json():
     assert _strict(line) == {"step": 3, "loss": None, "grad_norm": None, "lr": 1e-3, "mfu": None}
 
 
+@pytest.mark.slow
 def test_sample_tokens_zero_is_allowed():
     assert TrainConfig(sample_tokens=0).sample_tokens == 0
     with pytest.raises(ValueError, match="sample_tokens=-1"):
@@ -70,6 +71,7 @@ def _workdir_with_checkpoint(tmp_path, config):
     return wd
 
 
+@pytest.mark.slow
 def test_resume_refuses_schedule_and_data_order_changes_unless_asked(tmp_path):
     cfg = tiny_config(tmp_path)
     wd = _workdir_with_checkpoint(tmp_path, cfg.to_dict())
@@ -95,6 +97,7 @@ def test_resume_refuses_schedule_and_data_order_changes_unless_asked(tmp_path):
             train=dataclasses.replace(cfg.train, allow_config_change=True)).to_dict())
 
 
+@pytest.mark.slow
 def test_a_save_hands_orbax_the_state_arrays_themselves(tmp_path):
     state = T.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones((4, 4))},
                          opt_state=({"mu": jnp.zeros((4, 4))},), rng=jax.random.PRNGKey(0))
@@ -154,6 +157,7 @@ class _Flag(np.ndarray):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_the_loop_reads_a_steps_flag_only_after_queueing_the_next_step(tmp_path, monkeypatch):
     events = []
     real = T.jit_train_step
@@ -194,6 +198,7 @@ def _tb_scalars(tb_dir, tag):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_a_resume_keeps_tensorboard_history_and_metrics_in_step(tmp_path, capsys):
     cfg = tiny_config(tmp_path, steps=6, checkpoint_every=3)
