@@ -56,7 +56,7 @@ def write_json_atomic(path: Path, obj) -> None:
 # train fields that change what is logged, kept or sampled, never the updates or the order of the data
 RESUME_SAFE_TRAIN_FIELDS = frozenset({
     "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "peak_tflops",
-    "sample_tokens", "progress", "on_nonfinite", "allow_config_change"})
+    "sample_tokens", "progress", "on_nonfinite", "allow_config_change", "log_per_layer"})
 
 
 def check_resumable(workdir: Path, config: dict) -> None:

@@ -269,6 +269,7 @@ class ModelConfig:
 
 Schedule = Literal["cosine", "wsd", "constant", "inverse_sqrt"]
 OnNonFinite = Literal["stop", "skip"]
+WeightDecayMode = Literal["decoupled", "independent"]
 
 
 def _fail(cls: str, field: str, value, allowed: str) -> None:
@@ -299,7 +300,10 @@ class TrainConfig:
     weight_decay: float | None = 0.1  # decoupled (AdamW, Loshchilov & Hutter 2019); norms and biases excluded
     decay_embeddings: bool = False  # also decay the embedding (and tied head) matrix
     grad_clip: float | None = 1.0  # clip by global norm
+    weight_decay_mode: WeightDecayMode = "decoupled"  # decay * lr (AdamW) or decay * lr/peak_lr (Wortsman 2023)
     z_loss: float | None = None  # weight of the z-loss term mean(log^2 Z) (PaLM: 1e-4)
+    loss: str = "cross_entropy"  # loss terms by name, e.g. cross_entropy+logit_l2:1e-5 (see losses.TERMS)
+    log_per_layer: bool = False  # also log per-layer grad norm, update/param ratio and max attention logit
     on_nonfinite: OnNonFinite = "stop"  # a NaN/Inf loss stops the run, or that update is skipped
     seed: int = 0
     log_every: int = 10
@@ -339,6 +343,18 @@ class TrainConfig:
                 _fail("TrainConfig", name, v, "a positive number, or None (off)")
         if not self.eps > 0:
             _fail("TrainConfig", "eps", self.eps, "a positive number")
+        if self.weight_decay_mode not in typing.get_args(WeightDecayMode):
+            _fail("TrainConfig", "weight_decay_mode", self.weight_decay_mode,
+                  f"one of {typing.get_args(WeightDecayMode)}")
+        from lecture3.losses import LossSpecError, parse_terms  # the spec is checked here, before any compute
+
+        try:
+            terms = parse_terms(self.loss)
+        except LossSpecError as e:
+            raise LossSpecError(f"TrainConfig.loss={self.loss!r} is invalid: {e}") from None
+        if self.z_loss is not None and "z_loss" in terms:
+            _fail("TrainConfig", "z_loss", self.z_loss, "None when the loss spec already has a z_loss term "
+                  f"({self.loss!r}); give its weight once")
 
 
 @dataclasses.dataclass(frozen=True)

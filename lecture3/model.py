@@ -7,10 +7,14 @@ so compile time does not grow with depth; parameters then carry a leading layer 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lecture3 import capture as capture_names
 from lecture3.config import ModelConfig
 from lecture3.errors import Lecture3Error
 from lecture3.layers import positions as pos
@@ -36,17 +40,43 @@ class LayerGroup(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    capture: tuple[str, ...] = ()
 
     @nn.compact
     def __call__(self, x, caches, q_idx, positions, segment_ids, rel_table):
-        cfg, new = self.cfg, []
+        cfg, new, captured = self.cfg, [], []
         block = block_class(cfg, scanned=True)
         for i, kind in enumerate(cfg.layer_pattern):
             window = cfg.sliding_window if kind == "local" else None
-            x, c = block(cfg, window, self.deterministic, name=f"layer_{i}")(
+            x, c, cap = block(cfg, window, self.deterministic, self.capture, name=f"layer_{i}")(
                 x, q_idx, positions, segment_ids, rel_table, None if caches is None else caches[i])
             new.append(c)
-        return x, (None if caches is None else tuple(new))
+            captured.append(cap)
+        return x, (None if caches is None else tuple(new), tuple(captured))
+
+
+@flax.struct.dataclass
+class Output:
+    """What `Transformer(cfg).apply(..., capture=names)` returns: the logits, the new cache (None without
+    one) and the captured intermediates by name, per layer stacked on a leading layer axis (names and
+    shapes: `lecture3.capture.CAPTURES`)."""
+
+    logits: jax.Array  # float32[B, T, V]
+    cache: tuple | None = None
+    captured: dict = flax.struct.field(default_factory=dict)
+
+
+def _stack_captured(per_layer: list[dict]) -> dict:
+    return {name: jnp.stack([layer[name] for layer in per_layer]) for name in (per_layer[0] if per_layer else {})}
+
+
+def _interleave_scanned(per_slot: tuple[dict, ...]) -> dict:
+    """Scanned captures [groups, ...] per pattern slot -> [L, ...] in layer order (layer = group * p + slot)."""
+    out = {}
+    for name in per_slot[0]:
+        stacked = jnp.stack([slot[name] for slot in per_slot], axis=1)  # [groups, p, ...]
+        out[name] = stacked.reshape(-1, *stacked.shape[2:])
+    return out
 
 
 def check_positions(positions: jax.Array, size: int) -> None:
@@ -65,8 +95,13 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: tuple | None = None,
-                 q_idx: jax.Array | None = None, deterministic: bool = True):
+                 q_idx: jax.Array | None = None, deterministic: bool = True,
+                 capture: Sequence[str] | None = None):
         """tokens int32[B, T] -> logits float32[B, T, V] (and the new cache when `cache` is given).
+
+        capture: None (the default: nothing extra is computed) or names of `lecture3.capture.CAPTURES`;
+        then the result is an `Output(logits, cache, captured)` whatever else is given (`capture=()` asks
+        for the struct alone).
 
         positions: position of each token for the encodings (default 0..T-1; restarts per document
         when packing). segment_ids: document ids, used when `cfg.document_mask`. q_idx: place of each
@@ -78,6 +113,8 @@ class Transformer(nn.Module):
         into the table (the last row serves every position past it).
         """
         cfg = self.cfg
+        names = () if capture is None else capture_names.check(capture)
+        layer_names = tuple(n for n in names if n in capture_names.PER_LAYER)
         b, t = tokens.shape
         if cfg.position == "learned" and t > cfg.max_seq_len:
             raise Lecture3Error(f"sequence length {t} is longer than max_seq_len={cfg.max_seq_len}, the learned "
@@ -112,21 +149,24 @@ class Transformer(nn.Module):
             groups = cfg.n_layers // len(cfg.layer_pattern)
             scanned = nn.scan(
                 LayerGroup,
-                variable_axes={"params": 0, "intermediates": 0},
+                variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=groups,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, cache = scanned(cfg, deterministic, name="layers")(x, cache, q_idx, positions, segment_ids,
-                                                                   rel_table)
+            x, (cache, per_slot) = scanned(cfg, deterministic, layer_names, name="layers")(
+                x, cache, q_idx, positions, segment_ids, rel_table)
+            captured = _interleave_scanned(per_slot)
         else:
-            block, new = block_class(cfg, scanned=False), []
+            block, new, per_layer = block_class(cfg, scanned=False), [], []
             for layer in range(cfg.n_layers):
-                x, c = block(cfg, cfg.window(layer), deterministic, name=f"layer_{layer}")(
+                x, c, cap = block(cfg, cfg.window(layer), deterministic, layer_names, name=f"layer_{layer}")(
                     x, q_idx, positions, segment_ids, rel_table, None if cache is None else cache[layer])
                 new.append(c)
+                per_layer.append(cap)
             cache = None if cache is None else tuple(new)
+            captured = _stack_captured(per_layer)
 
         if cfg.has_final_norm:
             x = Norm(cfg, name="final_norm")(x)
@@ -138,7 +178,11 @@ class Transformer(nn.Module):
             logits = dense(x, head.astype(dt), preferred_element_type=jnp.float32)
         logits = softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
         logits = constrain(logits, ("batch", "length", "vocab"))
-        return logits if cache is None else (logits, cache)
+        if capture is None:
+            return logits if cache is None else (logits, cache)
+        if "log_z" in names:
+            captured["log_z"] = jax.nn.logsumexp(logits, axis=-1)
+        return Output(logits, cache, {n: captured[n] for n in names})
 
 
 def unstack_layers(cfg: ModelConfig, params: dict) -> list[dict]:

@@ -96,14 +96,23 @@ def scale_by_train_step_lr(lr_at: optax.Schedule) -> optax.GradientTransformatio
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformationExtraArgs:
     """Clip by global norm, then AdamW (optax.adamw's chain) with the decay mask and the schedule read
-    at the train step: `update(grads, state, params, step=state.step)`."""
+    at the train step: `update(grads, state, params, step=state.step)`.
+
+    `weight_decay_mode` (Wortsman et al. 2023, section 3.2.2, contrast the two):
+      decoupled    AdamW as optax and PyTorch write it: each step subtracts lr_t * weight_decay * param, so
+                   the decay per step scales with the peak learning rate;
+      independent  each step subtracts (lr_t / lr) * weight_decay * param: the decay follows the schedule's
+                   shape but not the peak LR, so an LR sweep does not also sweep the decay.
+    """
+    decay = 0.0 if cfg.weight_decay is None else cfg.weight_decay
+    if cfg.weight_decay_mode == "independent":
+        decay = decay / cfg.lr  # the update is multiplied by lr_t below: lr_t * decay / lr
     parts = []
     if cfg.grad_clip is not None:
         parts.append(optax.clip_by_global_norm(cfg.grad_clip))
     parts.append(optax.chain(
         optax.scale_by_adam(b1=cfg.beta1, b2=cfg.beta2, eps=cfg.eps),
-        optax.add_decayed_weights(0.0 if cfg.weight_decay is None else cfg.weight_decay,
-                                  mask=lambda p: decay_mask(p, cfg.decay_embeddings)),
+        optax.add_decayed_weights(decay, mask=lambda p: decay_mask(p, cfg.decay_embeddings)),
         scale_by_train_step_lr(schedule(cfg)),
     ))
     return optax.chain(*parts)

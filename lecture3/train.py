@@ -18,6 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lecture3 import diagnostics
 from lecture3 import losses as L
 from lecture3.config import ModelConfig, TrainConfig
 from lecture3.model import Transformer
@@ -36,9 +37,10 @@ class TrainState:
 
 
 def loss_from_config(train: TrainConfig) -> L.LossFn:
-    terms = {"cross_entropy": None}
+    """The terms of `train.loss` (e.g. "cross_entropy+logit_l2:1e-5"), plus z-loss when `train.z_loss` is set."""
+    terms = dict(L.parse_terms(train.loss))
     if train.z_loss is not None:
-        terms["z_loss"] = train.z_loss
+        terms["z_loss"] = (train.z_loss,)
     return L.from_config(terms)
 
 
@@ -50,17 +52,19 @@ def model_inputs(cfg: ModelConfig, batch: Batch) -> dict:
 
 
 def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: L.LossFn, rng=None):
-    """Loss, its terms, and the stability signals: largest attention logit and mean |log Z|."""
+    """Loss, its terms, and the stability signals: largest attention logit and mean |log Z|. The model
+    captures what the loss terms need (`losses.required`) plus each head's largest attention logit; the
+    terms see them, with the params, in `aux`. Returns (loss, (metrics, captured))."""
     deterministic = rng is None
-    logits, inter = model.apply(
+    names = tuple(dict.fromkeys(("attn_logit_max", *L.required(loss_fn))))
+    out = model.apply(
         {"params": params}, batch["inputs"], **model_inputs(model.cfg, batch), deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": rng}, mutable=["intermediates"])
-    loss, metrics = loss_fn(logits, batch)
+        rngs=None if deterministic else {"dropout": rng}, capture=names)
+    loss, metrics = L.call(loss_fn, out.logits, batch, {"params": params, **out.captured})
     mask = L.loss_mask(batch)
-    metrics["log_z_abs"] = L.masked_mean(jnp.abs(L.log_z(logits)), mask)
-    sown = jax.tree.leaves(inter.get("intermediates", {}))
-    metrics["max_attn_logit"] = jnp.max(jnp.stack([jnp.max(x) for x in sown])) if sown else jnp.zeros(())
-    return loss, metrics
+    metrics["log_z_abs"] = L.masked_mean(jnp.abs(L.log_z(out.logits)), mask)
+    metrics["max_attn_logit"] = jnp.max(out.captured["attn_logit_max"])
+    return loss, (metrics, out.captured)
 
 
 def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: L.LossFn | None = None,
@@ -87,7 +91,7 @@ def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: L.LossFn | No
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
         grad_fn = jax.value_and_grad(lambda p: forward_metrics(model, p, batch, loss_fn, rng), has_aux=True)
-        (loss, metrics), grads = grad_fn(state.params)
+        (loss, (metrics, captured)), grads = grad_fn(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=state.step)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
@@ -102,6 +106,9 @@ def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: L.LossFn | No
             lr=jnp.where(finite, lr_at(state.step), 0.0),
             finite=finite.astype(jnp.float32),
         )
+        if train.log_per_layer:
+            metrics.update(diagnostics.per_layer_metrics(cfg, grads, updates, state.params,
+                                                         captured["attn_logit_max"]))
         return state.replace(step=step, params=params, opt_state=opt_state), metrics
 
     return train_step

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lecture3 import data as D
+from lecture3 import diagnostics
 from lecture3 import sharding as S
 from lecture3 import train as T
 from lecture3.checkpoint import Checkpointer, CheckpointError, check_resumable, record_config, write_text_atomic
@@ -277,7 +278,7 @@ def run(cfg: Config, workdir: str | os.PathLike, *, loss_fn=None, echo=print) ->
             if log_now or eval_now:
                 values = jax.device_get(metrics)
                 elapsed = time.perf_counter() - t_last
-                record = {"step": done, **{k: float(v) for k, v in values.items()}}
+                record = {"step": done, **{k: float(v) for k, v in diagnostics.flatten_layers(values).items()}}
                 record["tokens_per_s"] = tokens_since / elapsed if tokens_since else None
                 record["mfu"] = (record["tokens_per_s"] * flops_per_token / (peak * jax.device_count())
                                  if tokens_since and peak is not None else None)

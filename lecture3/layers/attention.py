@@ -37,13 +37,23 @@ def attention_mask(q_idx: jax.Array, k_idx: jax.Array, window: int | None = None
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           bias: jax.Array | None = None, scale: float = 1.0, cap: float | None = None,
                           dropout_fn=None) -> tuple[jax.Array, jax.Array]:
+    """q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, T, S]; bias: [B, N, T, S] -> (out [B, T, N, H],
+    the largest scale * q.k over allowed keys, before the cap and the bias). See `attention_core`."""
+    out, _, head_max = attention_core(q, k, v, mask, bias, scale, cap, dropout_fn)
+    return out, jnp.max(head_max)
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                   bias: jax.Array | None = None, scale: float = 1.0, cap: float | None = None,
+                   dropout_fn=None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, T, S]; bias: [B, N, T, S].
 
     The softmax sees cap * tanh(scale * q.k / cap) + bias: the soft-cap bounds the content logit and a
     position bias (ALiBi, T5) is added after it, as FlashAttention-2 orders softcap and ALiBi, so ALiBi's
     distance penalty never saturates at the cap (a positive T5 bias can take the sum past the cap).
-    Returns the output [B, T, N, H] and the largest scale * q.k over allowed keys, before the cap and the
-    bias (a stability signal that a cap would pin at its value). Logits and softmax are float32.
+    Returns the output [B, T, N, H], the probabilities float32[B, K, G, T, S] (before dropout) and each
+    head's largest scale * q.k over allowed keys, float32[N], before the cap and the bias (a stability
+    signal that a cap would pin at its value). Logits and softmax are float32.
     A masked key contributes exactly nothing: its probability is 0 and a NaN/inf in its value slot
     cannot reach the rows that do not see it (0 * NaN is NaN), while a row that sees one still gets NaN.
     """
@@ -54,32 +64,42 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
     logits = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     allowed = mask[:, None, None]  # [B, 1, 1, T, S]
-    max_logit = jnp.max(jnp.where(allowed, logits, -jnp.inf))
+    head_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=(0, 3, 4)).reshape(n)  # [N]
     logits = softcap(logits, cap)
     if bias is not None:
         logits = logits + bias.reshape(bias.shape[0], kv, n // kv, t, -1)
     logits = jnp.where(allowed, logits, NEG_INF)
     probs = jnp.where(allowed, jax.nn.softmax(logits, axis=-1), 0.0)
-    if dropout_fn is not None:
-        probs = dropout_fn(probs)
+    weights = probs if dropout_fn is None else dropout_fn(probs)
     finite = jnp.isfinite(v)
-    out = jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), jnp.where(finite, v, 0))  # [B, K, G, T, H]
+    out = jnp.einsum("bkgts,bksh->bkgth", weights.astype(v.dtype), jnp.where(finite, v, 0))  # [B, K, G, T, H]
     bad_slot = ~jnp.all(finite, axis=-1)[:, :, None, None, :]  # [B, K, 1, 1, S]
     sees_bad = jnp.any(allowed & bad_slot, axis=-1, keepdims=True)  # [B, K, 1, T, 1]
     out = jnp.where(sees_bad, jnp.asarray(jnp.nan, out.dtype), out)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), max_logit
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), probs, head_max
+
+
+def entropy(probs: jax.Array) -> jax.Array:
+    """Entropy in nats over the last axis, with 0 log 0 = 0."""
+    return -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
+
+
+def _vector_norm(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
 
 
 class Attention(nn.Module):
-    """Self-attention of one layer. `window` is this layer's sliding window (None = global)."""
+    """Self-attention of one layer. `window` is this layer's sliding window (None = global). Returns
+    (output, new cache, captured) with the `capture` names of `lecture3.capture` this layer produces."""
 
     cfg: ModelConfig
     window: int | None = None
+    capture: tuple[str, ...] = ()
 
     @nn.compact
     def __call__(self, x: jax.Array, q_idx: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                  rel_table: jax.Array | None = None, cache: dict | None = None,
-                 deterministic: bool = True) -> tuple[jax.Array, dict | None]:
+                 deterministic: bool = True) -> tuple[jax.Array, dict | None, dict]:
         cfg = self.cfg
         n, kv, h, d = cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim, cfg.d_model
         dt = DTYPES[cfg.dtype]
@@ -104,6 +124,11 @@ class Attention(nn.Module):
             k = pos.apply_rope(k, positions, inv_freq, cfg.rope_layout)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k = constrain(k, ("batch", "length", "kv_heads", "head_dim"))
+        captured = {}  # q and k as they enter the dot product (this step's keys only, when decoding)
+        if "q_norm" in self.capture:
+            captured["q_norm"] = _vector_norm(q)  # [B, T, N]
+        if "k_norm" in self.capture:
+            captured["k_norm"] = _vector_norm(k)  # [B, T, K]
 
         k_idx, k_pos, k_seg = q_idx, positions, segment_ids
         if cache is not None:
@@ -120,14 +145,19 @@ class Attention(nn.Module):
         scale = cfg.query_scale if cfg.query_scale is not None else h ** -0.5
         drop = None if cfg.attn_dropout is None or deterministic else (
             lambda p: dropout(self, p, cfg.attn_dropout, deterministic))
-        out, max_logit = dot_product_attention(q, k, v, mask, bias, scale, cfg.attn_logit_softcap, drop)
-        self.sow("intermediates", "max_attn_logit", max_logit)
+        out, probs, head_max = attention_core(q, k, v, mask, bias, scale, cfg.attn_logit_softcap, drop)
+        if "attn_logit_max" in self.capture:
+            captured["attn_logit_max"] = head_max
+        if "attn_probs" in self.capture:
+            captured["attn_probs"] = probs.reshape(probs.shape[0], n, *probs.shape[3:])  # [B, N, T, S]
+        if "attn_entropy" in self.capture:
+            captured["attn_entropy"] = entropy(probs).reshape(probs.shape[0], n, -1)  # [B, N, T]
         wo = param(self, "o", (n, h, d), ("heads", "head_dim", "embed"),
                    normal(cfg.init_std / (2 * cfg.n_layers) ** 0.5), cfg.param_dtype)
         y = dense(out.astype(dt), wo.astype(dt), n_in=2)  # [B, T, D]
         if cfg.attn_out_bias:
             y = y + param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros, cfg.param_dtype).astype(dt)
-        return constrain(y, ("batch", "length", "embed")), cache
+        return constrain(y, ("batch", "length", "embed")), cache, captured
 
     def qk_norm(self, x: jax.Array, name: str) -> jax.Array:
         """Norm q or k per head ([H] gain) or over the whole projection ([N*H] gain, OLMo 2)."""
