@@ -13,8 +13,8 @@ import argparse
 import sys
 import time
 
-from lecture3.cli import add_dataclass_flags, dataclass_from_args
 from lecture3.data import DataConfig, corpus_stats, make_train_iterator
+from lecture3.flags import add_dataclass_flags, dataclass_from_args
 
 
 def main(argv: list[str] | None = None) -> float:

@@ -92,22 +92,21 @@ def jax_setup(v: Variant, params_from=None):
     import jax
     import jax.numpy as jnp
 
-    from lecture3 import sharding as S
-    from lecture3 import train as T
+    from lecture3 import sharding, steps
     from lecture3.config import Config, MeshConfig
 
     if v.precision is not None:
         jax.config.update("jax_default_matmul_precision", v.precision)
     cfg = Config()
     m, tc = cfg.model.replace(**v.model), cfg.train
-    mesh = S.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    rules = S.axis_rules(m, mesh, tc.batch_size)
-    _, shardings = T.state_shardings(m, tc, mesh, rules)
-    state = T.init_state(m, tc, mesh, rules)
-    step_fn = {"lecture3": T.make_train_step, "lean": lean_train_step,
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    rules = sharding.axis_rules(m, mesh, tc.batch_size)
+    _, shardings = steps.state_shardings(m, tc, mesh, rules)
+    state = steps.init_state(m, tc, mesh, rules)
+    step_fn = {"lecture3": steps.make_train_step, "lean": lean_train_step,
                "flat": lambda m, tc: flat_train_step(m, tc, custom_vjp=False),
                "flat_vjp": lambda m, tc: flat_train_step(m, tc, custom_vjp=True)}[v.step](m, tc)
-    step = T.jit_train_step(step_fn, mesh, rules, shardings)
+    step = steps.jit_train_step(step_fn, mesh, rules, shardings)
     batch = {k: jnp.asarray(a) for k, a in make_batch(m.vocab_size, tc.batch_size, cfg.data.seq_len).items()}
     return step, state, batch, (m, tc, cfg.data.seq_len, mesh, rules)
 
@@ -116,11 +115,11 @@ def lean_train_step(m, tc):
     """The same update as lecture3's step (loss, grads, clip + AdamW) without its diagnostic metrics."""
     import optax
 
-    from lecture3 import losses as L
+    from lecture3 import losses
     from lecture3.model import Transformer
     from lecture3.optim import make_optimizer
 
-    model, ce, opt = Transformer(m), L.cross_entropy(), make_optimizer(tc)
+    model, ce, opt = Transformer(m), losses.cross_entropy(), make_optimizer(tc)
 
     def step(state, batch):
         def loss_fn(p):
@@ -145,13 +144,13 @@ def flat_train_step(m, tc, custom_vjp: bool):
     import jax.numpy as jnp
     import optax
 
-    from lecture3 import losses as L
+    from lecture3 import losses
     from lecture3.layers import positions as pos
     from lecture3.layers.attention import attention_mask, dot_product_attention
     from lecture3.layers.norms import rms_norm
     from lecture3.optim import make_optimizer
 
-    opt, ce = make_optimizer(tc), L.cross_entropy()
+    opt, ce = make_optimizer(tc), losses.cross_entropy()
     n, h, d, eps = m.n_heads, m.resolved_head_dim, m.d_model, m.norm_eps
     inv_freq = pos.rope_frequencies(h, m.rope_theta)
 
@@ -445,7 +444,7 @@ def save_params(path: str) -> tuple[float, list[float]]:
     """Init the lecture3 default state, save its params; return its loss at init and over 3 steps."""
     import jax
 
-    from lecture3 import losses as L
+    from lecture3 import losses
     from lecture3.model import Transformer
 
     step, state, batch, (m, *_rest) = jax_setup(VARIANTS["jax"])
@@ -454,7 +453,7 @@ def save_params(path: str) -> tuple[float, list[float]]:
             for path_, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     np.savez(path, **flat)
     logits = jax.jit(Transformer(m).apply)({"params": state.params}, batch["inputs"])
-    init_loss = float(L.cross_entropy()(logits, batch)[0])
+    init_loss = float(losses.cross_entropy()(logits, batch)[0])
     losses = []
     for _ in range(3):
         state, metrics = step(state, batch)

@@ -104,11 +104,13 @@ class Checkpointer:
             self.dir, item_names=("state", "data"),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
-    def save(self, step: int, state, iterator) -> None:
-        """Saves the state and the grain iterator (each process writes its own iterator position)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state_items(state)),
-            data=grain.checkpoint.CheckpointSave(iterator)))
+    def save(self, step: int, state, iterator=None) -> None:
+        """Saves the state and the grain iterator, if any (each process writes its own iterator position;
+        a run on the caller's own batches has none, and resumes by skipping the batches already used)."""
+        items = {"state": ocp.args.StandardSave(state_items(state))}
+        if iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -156,16 +158,15 @@ def load_config(workdir: Path):
 
 def load_for_inference(workdir: str | os.PathLike):
     """(ModelConfig, params, tokenizer) from the newest readable checkpoint of a training run."""
-    from lecture3 import sharding as S
-    from lecture3 import train as T
+    from lecture3 import sharding, steps
     from lecture3.config import MeshConfig
     from lecture3.data import load_tokenizer
 
     workdir = Path(workdir)
     cfg = load_config(workdir)
-    mesh = S.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    rules = S.axis_rules(cfg.model, mesh, 1)
-    abstract, _ = T.state_shardings(cfg.model, cfg.train, mesh, rules)
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    rules = sharding.axis_rules(cfg.model, mesh, 1)
+    abstract, _ = steps.state_shardings(cfg.model, cfg.train, mesh, rules)
     restored = Checkpointer(workdir, cfg.train.keep_checkpoints).restore_latest(abstract)  # params only
     if restored is None:
         raise CheckpointError(f"{workdir} has no checkpoint yet; train first (`lecture3 train --workdir {workdir}`)")

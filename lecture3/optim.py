@@ -10,7 +10,7 @@ interaction with the learning-rate schedule. The decay rule (`decay_mask`), deci
 
 The learning rate follows the *train step* (`step=` passed to `update`), not optax's own update count:
 a step that the train step skips (non-finite loss) still uses up its place in the schedule, while Adam's
-moments and bias-correction count stay as they were (`lecture3.train.make_train_step`).
+moments and bias-correction count stay as they were (`lecture3.steps.make_train_step`).
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from lecture3 import cli
+from lecture3 import cli, cli_data
 from lecture3.config import Config
-from lecture3.trainer import TrainingError
+from lecture3.loop import TrainingError
 
 
 def subparser(name: str) -> argparse.ArgumentParser:
@@ -56,14 +56,14 @@ def raising(exc: BaseException):
 
 @pytest.mark.parametrize("exc,code", [(cli.UsageError("bad flag"), 2), (TrainingError("loss is nan"), 1)])
 def test_the_project_errors_are_one_line(exc, code, monkeypatch, capsys):
-    monkeypatch.setitem(cli.COMMANDS, "data", ("", cli._add_data_args, raising(exc)))
+    monkeypatch.setitem(cli.COMMANDS, "data", ("", cli_data.add_data_args, raising(exc)))
     assert cli.main(["data"]) == code
     assert capsys.readouterr().err == f"error: {exc}\n"
 
 
 @pytest.mark.parametrize("exc", [ValueError("a bug"), KeyError("a bug"), FileNotFoundError("a bug")])
 def test_any_other_error_keeps_its_traceback(exc, monkeypatch):
-    monkeypatch.setitem(cli.COMMANDS, "data", ("", cli._add_data_args, raising(exc)))
+    monkeypatch.setitem(cli.COMMANDS, "data", ("", cli_data.add_data_args, raising(exc)))
     with pytest.raises(type(exc), match="a bug"):
         cli.main(["data"])
 

@@ -9,8 +9,9 @@ from typing import Literal
 
 import pytest
 
-from lecture3.cli import add_dataclass_flags, dataclass_from_args, main
+from lecture3.cli import main
 from lecture3.data import DataConfig
+from lecture3.flags import add_dataclass_flags, dataclass_from_args
 
 
 @dataclasses.dataclass(frozen=True)

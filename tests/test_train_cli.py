@@ -12,7 +12,7 @@ import jax
 import pytest
 from train_helpers import cli_flags, tiny_config
 
-from lecture3 import cli, trainer
+from lecture3 import cli, loop
 
 pytestmark = pytest.mark.slow  # compiles models or runs the trainer: the fast tier skips it
 
@@ -81,13 +81,13 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
     cfg = tiny_config(tmp_path, steps=6, checkpoint_every=3)
-    trainer.run(cfg, tmp_path / "wd", echo=print)
+    loop.run(cfg, tmp_path / "wd", echo=print)
     ckpt = tmp_path / "wd" / "checkpoints"
     for f in (ckpt / "6").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
     capsys.readouterr()
-    out = trainer.run(cfg, tmp_path / "wd", echo=print)
+    out = loop.run(cfg, tmp_path / "wd", echo=print)
     printed = capsys.readouterr().out
     assert "checkpoint 6 is unreadable" in printed and "resuming from step 3" in printed
     assert out["metrics"]["step"] == 6
@@ -134,7 +134,7 @@ def test_bad_input_gets_one_clear_line(tmp_path, capsys):
 
 def test_resume_with_a_different_model_lists_the_fields(tmp_path, capsys):
     cfg = tiny_config(tmp_path, steps=3)
-    trainer.run(cfg, tmp_path / "wd")
+    loop.run(cfg, tmp_path / "wd")
     flags = cli_flags(cfg)
     i = flags.index("--model.n-kv-heads")
     flags[i + 1] = "4"
@@ -180,10 +180,10 @@ def test_two_processes_train_checkpoint_resume_and_sample(tmp_path):
     the processes): a killed-and-resumed run logs what the uninterrupted one did, and both end with a sample."""
     import shutil
 
-    from lecture3 import data as D
+    from lecture3 import data as dataio
 
     cfg = tiny_config(tmp_path, steps=4, checkpoint_every=2, eval_every=2)
-    D.validation_batches(cfg.data, cfg.train.batch_size)  # build the dataset and tokenizer once, not in a race
+    dataio.validation_batches(cfg.data, cfg.train.batch_size)  # build the dataset and tokenizer once, not in a race
     env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
 
     def two_processes(workdir):
@@ -209,7 +209,7 @@ def test_two_processes_train_checkpoint_resume_and_sample(tmp_path):
 
 def test_generate_from_a_training_run(tmp_path, capsys):
     cfg = tiny_config(tmp_path, steps=3)
-    out = trainer.run(cfg, tmp_path / "wd")
+    out = loop.run(cfg, tmp_path / "wd")
     code = cli.main(["generate", "--workdir", str(tmp_path / "wd"), "--prompt", "import ", "--max-new-tokens", "6"])
     printed = capsys.readouterr().out
     assert code == 0 and "import " in printed
@@ -233,7 +233,7 @@ def test_generate_from_a_training_run(tmp_path, capsys):
 def test_resume_drops_metrics_past_the_checkpoint_and_a_line_cut_by_a_kill(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
-    trainer._truncate_metrics(path, 2)
+    loop._truncate_metrics(path, 2)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
 
 
@@ -245,15 +245,15 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
     from lecture3 import losses
 
     cfg = tiny_config(tmp_path, steps=3, checkpoint_every=3)
-    trainer.run(cfg, tmp_path / "wd")
+    loop.run(cfg, tmp_path / "wd")
     poisoned = losses.compose(losses.cross_entropy(), lambda logits, batch: (jnp.float32(jnp.nan), {}))
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=6, allow_config_change=True))
-    with pytest.raises(trainer.TrainingError, match=r"non-finite loss at step 4; .*checkpoint \(step 3\) is intact"):
-        trainer.run(longer, tmp_path / "wd", loss_fn=poisoned)
+    with pytest.raises(loop.TrainingError, match=r"non-finite loss at step 4; .*checkpoint \(step 3\) is intact"):
+        loop.run(longer, tmp_path / "wd", loss_fn=poisoned)
     assert sorted(p.name for p in (tmp_path / "wd" / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
     # the checkpoint still restores and training goes on from it
-    assert trainer.run(longer, tmp_path / "wd")["metrics"]["step"] == 6
+    assert loop.run(longer, tmp_path / "wd")["metrics"]["step"] == 6
 
     skipping = dataclasses.replace(longer, train=dataclasses.replace(longer.train, on_nonfinite="skip", steps=8))
-    out = trainer.run(skipping, tmp_path / "wd", loss_fn=poisoned)
+    out = loop.run(skipping, tmp_path / "wd", loss_fn=poisoned)
     assert out["metrics"]["step"] == 8 and out["metrics"]["finite"] == 0.0

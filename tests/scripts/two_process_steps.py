@@ -23,11 +23,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from train_helpers import tiny_config  # noqa: E402
 
-from lecture3 import data as D  # noqa: E402
-from lecture3 import sharding as S  # noqa: E402
-from lecture3 import train as T  # noqa: E402
+from lecture3 import data as dataio  # noqa: E402
+from lecture3 import sharding, steps  # noqa: E402
 from lecture3.config import DistConfig, MeshConfig  # noqa: E402
-from lecture3.trainer import init_distributed  # noqa: E402
+from lecture3.loop import init_distributed  # noqa: E402
 
 out, root = sys.argv[1], Path(sys.argv[2])
 cfg = tiny_config(root)
@@ -37,21 +36,21 @@ if multi:
 init_distributed(cfg)
 jax.config.update("jax_default_matmul_precision", "highest")
 pi, pc = jax.process_index(), jax.process_count()
-mesh = S.make_mesh(cfg.mesh)
-rules = S.axis_rules(cfg.model, mesh, cfg.train.batch_size)
-_, shardings = T.state_shardings(cfg.model, cfg.train, mesh, rules)
-state = T.init_state(cfg.model, cfg.train, mesh, rules)
-step = T.jit_train_step(T.make_train_step(cfg.model, cfg.train), mesh, rules, shardings)
+mesh = sharding.make_mesh(cfg.mesh)
+rules = sharding.axis_rules(cfg.model, mesh, cfg.train.batch_size)
+_, shardings = steps.state_shardings(cfg.model, cfg.train, mesh, rules)
+state = steps.init_state(cfg.model, cfg.train, mesh, rules)
+step = steps.jit_train_step(steps.make_train_step(cfg.model, cfg.train), mesh, rules, shardings)
 if multi:
-    iterators = [D.make_train_iterator(cfg.data, cfg.train.batch_size, process_index=pi, process_count=pc)]
+    iterators = [dataio.make_train_iterator(cfg.data, cfg.train.batch_size, process_index=pi, process_count=pc)]
 else:
-    iterators = [D.make_train_iterator(cfg.data, cfg.train.batch_size, process_index=i, process_count=2)
+    iterators = [dataio.make_train_iterator(cfg.data, cfg.train.batch_size, process_index=i, process_count=2)
                  for i in range(2)]
 losses = []
 for _ in range(3):
     local = [next(it) for it in iterators]
     local = {k: np.concatenate([b[k] for b in local]) for k in local[0]}
-    state, m = step(state, D.global_batch(local, S.batch_sharding(mesh, rules)))
+    state, m = step(state, dataio.global_batch(local, sharding.batch_sharding(mesh, rules)))
     losses.append(float(m["loss"]))
 if pi == 0:
     Path(out).write_text(json.dumps({"losses": losses, "devices": jax.device_count(), "processes": pc}))

@@ -15,7 +15,7 @@ DEFAULT_WORKDIR = "runs/default"
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     from lecture3 import presets
-    from lecture3.cli import add_dataclass_flags
+    from lecture3.flags import add_dataclass_flags
 
     choices = ", ".join(f"{f}:{{{','.join(presets.sizes(f))}}}" for f in presets.names())
     parser.add_argument("--preset", default=None, metavar="FAMILY:SIZE",
@@ -27,7 +27,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> Config:
     from lecture3 import presets
-    from lecture3.cli import UsageError, dataclass_from_args
+    from lecture3.flags import UsageError, dataclass_from_args
 
     base = Config()
     model = base.model
@@ -69,19 +69,19 @@ def _sample(cfg: Config, state, tokenizer, n: int) -> str | None:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from lecture3 import accounting, trainer
+    from lecture3 import accounting, loop
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = config_from_args(args)
-    trainer.check_inputs(cfg, args.workdir)  # a bad path, glob or mesh is the first and only thing printed
+    loop.check_inputs(cfg, args.workdir)  # a bad path, glob or mesh is the first and only thing printed
     print(accounting.summary(cfg.model, cfg.data.seq_len))
-    out = trainer.run(cfg, args.workdir)
-    m = out["metrics"]
+    out = loop.train(cfg, workdir=args.workdir)
+    m = out.metrics
     if "val_loss" in m:
         print(f"step {m['step']}: validation loss {m['val_loss']:.4f} nats/token (perplexity "
-              f"{m['val_ppl']:.2f}); unigram entropy of the validation tokens {out['unigram_entropy']:.4f}")
+              f"{m['val_ppl']:.2f}); unigram entropy of the validation tokens {out.unigram_entropy:.4f}")
     if cfg.train.sample_tokens > 0:
-        text = _sample(cfg, out["state"], out["tokenizer"], cfg.train.sample_tokens)
+        text = _sample(cfg, out.state, out.tokenizer, cfg.train.sample_tokens)
         if text is not None:
             print("sample:\n" + text)
     return 0

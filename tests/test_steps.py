@@ -7,9 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lecture3 import losses
-from lecture3 import sharding as S
-from lecture3 import train as T
+from lecture3 import losses, sharding, steps
 from lecture3.config import MeshConfig, ModelConfig, TrainConfig
 from lecture3.optim import schedule
 
@@ -29,14 +27,14 @@ def _batches(n, b=8, t=16, seed=0):
 
 def _run(cfg, tc, shape, batches, loss_fn=None):
     devices = jax.devices()[: int(np.prod(shape))]
-    mesh = S.make_mesh(MeshConfig(*shape), devices)
-    rules = S.axis_rules(cfg, mesh, tc.batch_size)
-    _, shardings = T.state_shardings(cfg, tc, mesh, rules)
-    state = T.init_state(cfg, tc, mesh, rules)
-    step = T.jit_train_step(T.make_train_step(cfg, tc, loss_fn), mesh, rules, shardings)
+    mesh = sharding.make_mesh(MeshConfig(*shape), devices)
+    rules = sharding.axis_rules(cfg, mesh, tc.batch_size)
+    _, shardings = steps.state_shardings(cfg, tc, mesh, rules)
+    state = steps.init_state(cfg, tc, mesh, rules)
+    step = steps.jit_train_step(steps.make_train_step(cfg, tc, loss_fn), mesh, rules, shardings)
     history = []
     for b in batches:
-        state, m = step(state, {k: jax.device_put(v, S.batch_sharding(mesh, rules)) for k, v in b.items()})
+        state, m = step(state, {k: jax.device_put(v, sharding.batch_sharding(mesh, rules)) for k, v in b.items()})
         history.append({k: float(v) for k, v in m.items()})
     return state, history
 
@@ -55,9 +53,9 @@ def test_meshes_give_the_single_device_losses():
 
 
 def test_indivisible_dims_are_replicated_with_one_log_line(caplog):
-    mesh = S.make_mesh(MeshConfig(1, 1, 8))
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 8))
     with caplog.at_level(logging.INFO, logger="lecture3"):
-        rules = dict(S.axis_rules(CFG, mesh, 8))
+        rules = dict(sharding.axis_rules(CFG, mesh, 8))
     assert rules["heads"] is None and rules["vocab"] is None and rules["kv_heads"] is None
     assert rules["mlp"] == ("tensor",)  # d_ff 128 divides
     lines = [r.getMessage() for r in caplog.records]
@@ -66,12 +64,12 @@ def test_indivisible_dims_are_replicated_with_one_log_line(caplog):
 
 
 def test_mesh_and_batch_errors_are_clear():
-    with pytest.raises(S.MeshError, match="does not match the 8 devices"):
-        S.make_mesh(MeshConfig(2, 2, 1))
-    with pytest.raises(S.MeshError, match="fixed axes' product 3"):
-        S.make_mesh(MeshConfig(-1, 3, 1))
-    with pytest.raises(S.MeshError, match="batch_size=6 is not divisible by mesh data\\*fsdp=8"):
-        S.check_batch(S.make_mesh(MeshConfig(-1, 1, 1)), 6)
+    with pytest.raises(sharding.MeshError, match="does not match the 8 devices"):
+        sharding.make_mesh(MeshConfig(2, 2, 1))
+    with pytest.raises(sharding.MeshError, match="fixed axes' product 3"):
+        sharding.make_mesh(MeshConfig(-1, 3, 1))
+    with pytest.raises(sharding.MeshError, match="batch_size=6 is not divisible by mesh data\\*fsdp=8"):
+        sharding.check_batch(sharding.make_mesh(MeshConfig(-1, 1, 1)), 6)
 
 
 def test_tiny_model_overfits_a_fixed_batch():
@@ -93,10 +91,10 @@ def test_z_loss_shrinks_log_z():
 
 
 def _one_device(tc, cfg=CFG):
-    mesh = S.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    rules = S.axis_rules(cfg, mesh, tc.batch_size)
-    _, shardings = T.state_shardings(cfg, tc, mesh, rules)
-    return mesh, rules, shardings, T.init_state(cfg, tc, mesh, rules, shardings=shardings)
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    rules = sharding.axis_rules(cfg, mesh, tc.batch_size)
+    _, shardings = steps.state_shardings(cfg, tc, mesh, rules)
+    return mesh, rules, shardings, steps.init_state(cfg, tc, mesh, rules, shardings=shardings)
 
 
 @pytest.mark.parametrize("mode", ["stop", "skip"])
@@ -111,7 +109,7 @@ def test_non_finite_step_leaves_the_state_untouched(mode):
     fn = losses.compose(losses.cross_entropy(), poisoned)
     mesh, rules, shardings, state = _one_device(tc)
     params, opt_state = jax.device_get(state.params), jax.device_get(state.opt_state)
-    step = T.jit_train_step(T.make_train_step(CFG, tc, fn), mesh, rules, shardings)
+    step = steps.jit_train_step(steps.make_train_step(CFG, tc, fn), mesh, rules, shardings)
     state, m = step(state, _batches(1)[0])
     assert float(m["finite"]) == 0.0
     assert float(m["lr"]) == 0.0 and float(m["update_ratio"]) == 0.0  # nothing was applied
@@ -126,7 +124,7 @@ def test_a_skipped_step_keeps_the_schedule_on_time_and_the_logged_lr_is_the_appl
     batches = _batches(tc.steps, seed=5)
     batches[0] = {**batches[0], "loss_mask": np.full_like(batches[0]["loss_mask"], np.nan)}  # step 0 is NaN
     mesh, rules, shardings, state = _one_device(tc)
-    step = T.jit_train_step(T.make_train_step(CFG, tc), mesh, rules, shardings)
+    step = steps.jit_train_step(steps.make_train_step(CFG, tc), mesh, rules, shardings)
     params, history = [jax.device_get(state.params)], []
     for b in batches:
         state, m = step(state, b)

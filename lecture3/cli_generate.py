@@ -59,7 +59,7 @@ class _FileTokenizer:
 
 def _load(args: argparse.Namespace):
     """(cfg, params, tokenizer or None) from --hf or --workdir."""
-    from lecture3.cli import UsageError
+    from lecture3.flags import UsageError
 
     if args.hf is not None:
         from lecture3 import hf
@@ -79,7 +79,7 @@ def _load(args: argparse.Namespace):
 
 
 def _prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
-    from lecture3.cli import UsageError
+    from lecture3.flags import UsageError
 
     prompts = []
     for text in args.tokens:
@@ -115,3 +115,8 @@ def run_generate(args: argparse.Namespace) -> int:
     n = len(prompts) * args.max_new_tokens
     print(f"[{n} tokens in {seconds:.2f} s, compilation included]", file=sys.stderr)
     return 0
+
+
+def command():
+    return ("continue prompts with a trained or Hugging Face model, using the KV cache", add_generate_args,
+            run_generate)

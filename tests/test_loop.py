@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 from train_helpers import cli_flags, tiny_config
 
-from lecture3 import cli, trainer
-from lecture3 import train as T
+from lecture3 import cli, loop, steps
 from lecture3.checkpoint import Checkpointer, CheckpointError, check_resumable
 from lecture3.config import TrainConfig
 from lecture3.data import DataError
@@ -38,14 +37,14 @@ def _device(kind, platform="gpu"):
     ("NVIDIA RTX 9999", "bfloat16", None),
 ])
 def test_peak_flops_are_looked_up_by_exact_device_kind_and_compute_dtype(kind, dtype, tflops, monkeypatch):
-    monkeypatch.setattr(trainer.jax, "jit", lambda *a, **k: pytest.fail("timed a matmul on an accelerator"))
-    peak = trainer.peak_flops_per_device(None, dtype, _device(kind))
+    monkeypatch.setattr(loop.jax, "jit", lambda *a, **k: pytest.fail("timed a matmul on an accelerator"))
+    peak = loop.peak_flops_per_device(None, dtype, _device(kind))
     assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
-    assert trainer.peak_flops_per_device(100.0, dtype, _device(kind)) == pytest.approx(1e14)
+    assert loop.peak_flops_per_device(100.0, dtype, _device(kind)) == pytest.approx(1e14)
 
 
 def test_peak_flops_are_measured_on_a_cpu():
-    assert trainer.peak_flops_per_device(None, "float32", jax.devices()[0]) > 0
+    assert loop.peak_flops_per_device(None, "float32", jax.devices()[0]) > 0
 
 
 def _strict(text):
@@ -53,7 +52,7 @@ def _strict(text):
 
 
 def test_metrics_lines_are_strict_json():
-    line = trainer._json_line({"step": 3, "loss": math.nan, "grad_norm": math.inf, "lr": 1e-3, "mfu": None})
+    line = loop._json_line({"step": 3, "loss": math.nan, "grad_norm": math.inf, "lr": 1e-3, "mfu": None})
     assert _strict(line) == {"step": 3, "loss": None, "grad_norm": None, "lr": 1e-3, "mfu": None}
 
 
@@ -99,7 +98,7 @@ def test_resume_refuses_schedule_and_data_order_changes_unless_asked(tmp_path):
 
 @pytest.mark.slow
 def test_a_save_hands_orbax_the_state_arrays_themselves(tmp_path):
-    state = T.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones((4, 4))},
+    state = steps.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones((4, 4))},
                          opt_state=({"mu": jnp.zeros((4, 4))},), rng=jax.random.PRNGKey(0))
     ckpt = Checkpointer(tmp_path, 1)
     saved = {}
@@ -132,17 +131,17 @@ def test_bad_inputs_are_reported_before_the_parameter_table_and_create_nothing(t
     assert "File exists" not in err and afile.read_text() == "x"
 
     with pytest.raises(DataError):
-        trainer.check_inputs(dataclasses.replace(cfg, data=dataclasses.replace(
+        loop.check_inputs(dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, source=f"files:{tmp_path}/missing.txt")), wd)
     with pytest.raises(MeshError):
-        trainer.check_inputs(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=4)), wd)
+        loop.check_inputs(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=4)), wd)
 
 
 def test_each_process_probes_the_workdir_with_its_own_file(tmp_path, monkeypatch):
     written = []
     real = Path.write_text
     monkeypatch.setattr(Path, "write_text", lambda self, text: written.append(self.name) or real(self, text))
-    trainer.check_workdir(tmp_path / "wd", process_index=1)
+    loop.check_workdir(tmp_path / "wd", process_index=1)
     assert len(written) == 1 and written[0].startswith(".write-test-1-") and list((tmp_path / "wd").iterdir()) == []
 
 
@@ -160,7 +159,7 @@ class _Flag(np.ndarray):
 @pytest.mark.slow
 def test_the_loop_reads_a_steps_flag_only_after_queueing_the_next_step(tmp_path, monkeypatch):
     events = []
-    real = T.jit_train_step
+    real = steps.jit_train_step
 
     def recording(*args, **kwargs):
         step_fn = real(*args, **kwargs)
@@ -175,9 +174,9 @@ def test_the_loop_reads_a_steps_flag_only_after_queueing_the_next_step(tmp_path,
 
         return wrapped
 
-    monkeypatch.setattr(T, "jit_train_step", recording)
+    monkeypatch.setattr(steps, "jit_train_step", recording)
     cfg = tiny_config(tmp_path, steps=6, log_every=6, eval_every=6, checkpoint_every=6)
-    trainer.run(cfg, tmp_path / "wd")
+    loop.run(cfg, tmp_path / "wd")
     for k in range(2, 6):  # step 1 compiles and is timed apart; step 6 is logged and saved
         assert events.index(("read", k)) > events.index(("dispatch", k + 1)), events
 
@@ -203,7 +202,7 @@ def _tb_scalars(tb_dir, tag):
 def test_a_resume_keeps_tensorboard_history_and_metrics_in_step(tmp_path, capsys):
     cfg = tiny_config(tmp_path, steps=6, checkpoint_every=3)
     wd = tmp_path / "wd"
-    trainer.run(cfg, wd)
+    loop.run(cfg, wd)
     first = capsys.readouterr().out
     assert f"wrote {wd}/: metrics.jsonl, tb/" in first and "checkpoints/ (latest step 6)" in first
     records = [_strict(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]

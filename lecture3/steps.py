@@ -18,8 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lecture3 import diagnostics
-from lecture3 import losses as L
+from lecture3 import diagnostics, losses
 from lecture3.config import ModelConfig, TrainConfig
 from lecture3.model import Transformer
 from lecture3.optim import make_optimizer, schedule
@@ -36,12 +35,12 @@ class TrainState:
     rng: jax.Array  # uint32[2]: the run's base key; step s uses fold_in(rng, s)
 
 
-def loss_from_config(train: TrainConfig) -> L.LossFn:
+def loss_from_config(train: TrainConfig) -> losses.LossFn:
     """The terms of `train.loss` (e.g. "cross_entropy+logit_l2:1e-5"), plus z-loss when `train.z_loss` is set."""
-    terms = dict(L.parse_terms(train.loss))
+    terms = dict(losses.parse_terms(train.loss))
     if train.z_loss is not None:
         terms["z_loss"] = (train.z_loss,)
-    return L.from_config(terms)
+    return losses.from_config(terms)
 
 
 def model_inputs(cfg: ModelConfig, batch: Batch) -> dict:
@@ -51,23 +50,23 @@ def model_inputs(cfg: ModelConfig, batch: Batch) -> dict:
     return {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
 
 
-def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: L.LossFn, rng=None):
+def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: losses.LossFn, rng=None):
     """Loss, its terms, and the stability signals: largest attention logit and mean |log Z|. The model
     captures what the loss terms need (`losses.required`) plus each head's largest attention logit; the
     terms see them, with the params, in `aux`. Returns (loss, (metrics, captured))."""
     deterministic = rng is None
-    names = tuple(dict.fromkeys(("attn_logit_max", *L.required(loss_fn))))
+    names = tuple(dict.fromkeys(("attn_logit_max", *losses.required(loss_fn))))
     out = model.apply(
         {"params": params}, batch["inputs"], **model_inputs(model.cfg, batch), deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng}, capture=names)
-    loss, metrics = L.call(loss_fn, out.logits, batch, {"params": params, **out.captured})
-    mask = L.loss_mask(batch)
-    metrics["log_z_abs"] = L.masked_mean(jnp.abs(L.log_z(out.logits)), mask)
+    loss, metrics = losses.call(loss_fn, out.logits, batch, {"params": params, **out.captured})
+    mask = losses.loss_mask(batch)
+    metrics["log_z_abs"] = losses.masked_mean(jnp.abs(losses.log_z(out.logits)), mask)
     metrics["max_attn_logit"] = jnp.max(out.captured["attn_logit_max"])
     return loss, (metrics, out.captured)
 
 
-def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: L.LossFn | None = None,
+def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: losses.LossFn | None = None,
                     optimizer: optax.GradientTransformation | None = None) -> Callable:
     """The pure step. `loss_fn` defaults to the config's terms; pass your own composition to add one.
 
@@ -115,12 +114,12 @@ def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: L.LossFn | No
 
 
 def make_eval_step(cfg: ModelConfig) -> Callable:
-    model, ce = Transformer(cfg), L.cross_entropy()
+    model, ce = Transformer(cfg), losses.cross_entropy()
 
     def eval_step(params, batch: Batch) -> dict:
         """Summed token loss and token count, so batches of any mask average exactly."""
         logits = model.apply({"params": params}, batch["inputs"], **model_inputs(cfg, batch))
-        mask = L.loss_mask(batch)
+        mask = losses.loss_mask(batch)
         loss, _ = ce(logits, batch)
         return {"loss_sum": loss * mask.sum(), "tokens": mask.sum()}
 
