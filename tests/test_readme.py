@@ -18,7 +18,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```", re.S | re.M)
 NOT_RUN = {"python -m pytest -q -n 2": "it is this test suite"}
-SLOW = ("lecture3 train", "benchmarks/", "--workdir runs/default")
+SLOW = ("lecture3 train", "benchmarks/", "--workdir runs/default", "lecture3.train(")
 
 
 def snippets() -> list:
@@ -29,7 +29,7 @@ def snippets() -> list:
         name = re.sub(r"\W+", "-", (heading[-1] if heading else "top").lower()).strip("-")
         counts[name] = counts.get(name, 0) + 1
         ident = f"{name}-{counts[name]}"
-        slow = m[1] == "bash" and any(s in m[2] for s in SLOW)
+        slow = any(s in m[2] for s in SLOW)
         out.append(pytest.param(m[1], m[2], id=ident, marks=[pytest.mark.slow] if slow else []))
     return out
 
