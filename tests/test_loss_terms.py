@@ -131,3 +131,59 @@ def test_bad_specs_are_one_line_errors(spec, message):
     with pytest.raises(losses.LossSpecError) as e:
         losses.parse(spec)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def _train_params(spec, steps=3, **train):
+    import flax.linen as nn
+
+    from lecture3 import steps as step_lib
+    from lecture3.config import ModelConfig, TrainConfig
+    from lecture3.model import Transformer
+
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, vocab_size=61, max_seq_len=16)
+    tc = TrainConfig(steps=steps, batch_size=2, warmup_steps=0, lr=1e-2, final_lr=1e-2, loss=spec, **train)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 61, (2, 9)), jnp.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+    params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), batch["inputs"])["params"])
+    opt = step_lib.make_optimizer(tc)
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
+                                rng=jax.random.PRNGKey(1))
+    step = jax.jit(step_lib.make_train_step(cfg, tc, optimizer=opt))
+    for _ in range(steps):
+        state, metrics = step(state, batch)
+    return state.params, metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, metric", [
+    ("cross_entropy:0.1", "cross_entropy_smoothed"),
+    ("cross_entropy+z_loss:1e-1", "z_loss"),
+    ("cross_entropy+logit_l2:1e-1", "logit_l2"),
+    ("cross_entropy+max_attn_logit:10,1e-3", "max_attn_logit_penalty"),
+    ("cross_entropy+attn_entropy_floor:10,5", "attn_entropy_penalty"),
+])
+def test_a_run_with_each_term_differs_from_one_without_it(spec, metric):
+    plain, _ = _train_params("cross_entropy")
+    with_term, metrics = _train_params(spec)
+    assert metric in metrics and float(metrics[metric]) != 0.0
+    diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(with_term),
+                                                              strict=True))
+    assert diff > 1e-6, spec
+
+
+def test_independent_weight_decay_does_not_scale_with_the_peak_lr():
+    from lecture3.config import TrainConfig
+    from lecture3.optim import make_optimizer
+
+    params = {"layer_0": {"attn": {"q": jnp.ones((4, 4))}}}
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    moved = {}
+    for mode in ("decoupled", "independent"):
+        for lr in (1e-3, 1e-2):
+            tc = TrainConfig(lr=lr, final_lr=lr, warmup_steps=0, weight_decay=0.1, grad_clip=None,
+                             weight_decay_mode=mode)
+            tx = make_optimizer(tc)
+            updates, _ = tx.update(zeros, tx.init(params), params, step=jnp.asarray(5))
+            moved[mode, lr] = float(-updates["layer_0"]["attn"]["q"][0, 0])
+    np.testing.assert_allclose([moved["decoupled", 1e-3], moved["decoupled", 1e-2]], [1e-4, 1e-3], rtol=1e-5)
+    np.testing.assert_allclose([moved["independent", 1e-3], moved["independent", 1e-2]], [0.1, 0.1], rtol=1e-5)
