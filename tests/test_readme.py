@@ -126,5 +126,5 @@ def test_core_dependencies_are_what_the_package_imports():
             for d in dists.get(m, [m])}
     extras = project["optional-dependencies"]
     assert names(extras["hf"]) == {"transformers", "safetensors"}
-    assert used - names(extras["hf"]) == names(project["dependencies"]) - {"jaxlib"}
-    assert {"lecture3[hf,plot]"} <= set(extras["test"]) and "matplotlib" in names(extras["plot"])
+    assert used - names(extras["hf"]) - names(extras["pandas"]) == names(project["dependencies"]) - {"jaxlib"}
+    assert {"lecture3[hf,plot,pandas]"} <= set(extras["test"]) and "matplotlib" in names(extras["plot"])
