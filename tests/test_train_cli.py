@@ -184,7 +184,9 @@ def test_two_processes_train_checkpoint_resume_and_sample(tmp_path):
 
     cfg = tiny_config(tmp_path, steps=4, checkpoint_every=2, eval_every=2)
     dataio.validation_batches(cfg.data, cfg.train.batch_size)  # build the dataset and tokenizer once, not in a race
-    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    # under a loaded CI machine one process may reach a collective long after the other: wait, don't time out
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_cpu_collective_timeout_seconds=600",
+           "JAX_PLATFORMS": "cpu"}
 
     def two_processes(workdir):
         dist = ["--mesh.data", "2", "--mesh.fsdp", "4", "--dist.coordinator-address", _free_address(),
