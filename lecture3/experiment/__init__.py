@@ -1,0 +1,10 @@
+"""The experiments harness: the lecture's claims as grids of runs with pre-registered criteria.
+
+    spec       RunSpec, Claim, Criterion, Results (what a claim module declares and reads)
+    protocol   the shared baseline (models S and M, the recipe, seeds, LR grid, scales, quick mode)
+    stats      the comparison rule, best LR, divergence, LR sensitivity, verdicts
+    runs       one training run and what it measures
+    records    one JSON record per finished run
+    runner     the resumable grid runner behind `lecture3 experiment`
+    report     report.md and the plot helpers
+"""

@@ -1,0 +1,244 @@
+"""Run a claim's grid resumably: skip finished runs, run the rest (in this process or in worker
+processes pinned one per core), write one record per run, then the report.
+
+    lecture3 experiment c01            # run what is missing, then write report.md and the plots
+    lecture3 experiment c01 --run KEY  # one run of the grid (what a record's `command` says)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lecture3.errors import Lecture3Error
+from lecture3.experiment import protocol, records
+from lecture3.experiment.spec import Claim, Results, RunSpec
+
+EXPERIMENTS = records.REPO / "experiments"
+RESULTS = EXPERIMENTS / "results"
+QUICK_RESULTS = EXPERIMENTS / "results-quick"  # git-ignored: the tests' and a user's smoke runs
+
+
+class ExperimentError(Lecture3Error):
+    """An unknown claim, run key or flag combination of `lecture3 experiment`."""
+
+
+def claim_files(folder: Path = EXPERIMENTS) -> list[Path]:
+    return sorted(folder.glob("c[0-9][0-9]_*.py"))
+
+
+def load(name: str, folder: Path = EXPERIMENTS) -> Claim:
+    """The claim of `name`: `c01`, `1`, or the module name `c01_pre_vs_post_norm`."""
+    files = claim_files(folder)
+    if not files:
+        raise ExperimentError(f"no claim modules (c01_*.py ...) in {folder}: run from a checkout of lecture3")
+    wanted = name.strip()
+    if wanted.isdigit():
+        wanted = f"c{int(wanted):02d}"
+    match = [p for p in files if p.stem == wanted or p.stem.split("_", 1)[0] == wanted]
+    if len(match) != 1:
+        raise ExperimentError(f"unknown claim {name!r}: expected one of {', '.join(p.stem for p in files)} "
+                              "(or its number), or 'all'")
+    path = match[0]
+    mod_name = f"lecture3_experiments.{path.stem}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name].CLAIM
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    spec.loader.exec_module(module)
+    claim = getattr(module, "CLAIM", None)
+    if not isinstance(claim, Claim):
+        raise ExperimentError(f"{path} defines no CLAIM = Claim(...)")
+    claim.__dict__.setdefault("module", module)
+    return claim
+
+
+def module_of(claim: Claim):
+    return sys.modules[f"lecture3_experiments.{claim.name}"]
+
+
+def grid(claim: Claim, scale: str = "cpu", quick: bool = False) -> list[RunSpec]:
+    """The claim's runs; in quick mode one seed and one LR per arm, each config shrunk (protocol.quick)."""
+    specs = claim.runs(scale)
+    keys = [s.key for s in specs]
+    if len(set(keys)) != len(keys):
+        raise ExperimentError(f"{claim.name}: two runs of the grid have the same config and measure")
+    if not quick:
+        return specs
+    first_seed = min((s.tags.get("seed", 0) for s in specs), default=0)
+    kept, seen = [], set()
+    for s in specs:
+        if s.tags.get("seed", first_seed) != first_seed:
+            continue
+        arm = (s.measure, tuple(sorted((k, str(v)) for k, v in s.tags.items() if k not in ("lr", "seed"))))
+        if arm in seen:
+            continue
+        seen.add(arm)
+        kept.append(dataclasses.replace(s, config=protocol.quick(s.config), args={**s.args, "quick": True}))
+    return kept
+
+
+def results_dir(claim: Claim, scale: str, quick: bool, root: Path | None = None) -> Path:
+    base = Path(root) if root is not None else (QUICK_RESULTS if quick else RESULTS)
+    return base / (claim.name if scale == "cpu" else f"{claim.name}-{scale}")
+
+
+def command(claim: Claim, spec: RunSpec, scale: str, quick: bool, root: Path | None) -> str:
+    parts = ["lecture3", "experiment", claim.name, "--run", spec.key, "--scale", scale]
+    if quick:
+        parts.append("--quick")
+    if root is not None:
+        parts += ["--results-dir", str(root)]
+    return shlex.join(parts) + " --check"
+
+
+def execute(claim: Claim, spec: RunSpec) -> dict:
+    """The result of one run, in this process."""
+    from lecture3.experiment.runs import train_run
+
+    if spec.measure == "train":
+        return train_run(spec.config, spec.args)
+    fn = getattr(module_of(claim), spec.measure, None)
+    if fn is None:
+        raise ExperimentError(f"{claim.name} has no measure function {spec.measure!r}")
+    return fn(spec.config, **spec.args)
+
+
+def record_of(claim: Claim, spec: RunSpec, result: dict, wall: float, scale: str, quick: bool,
+              root: Path | None, dirty: list[str]) -> dict:
+    return {
+        "key": spec.key, "claim": claim.name, "tags": spec.tags, "measure": spec.measure, "args": spec.args,
+        "scale": scale, "quick": quick, "config": spec.config.to_dict(), "commit": records.commit(),
+        "uncommitted": dirty, "machine": records.machine(), "command": command(claim, spec, scale, quick, root),
+        "wall_s": wall, "finished": records.now(), "result": result,
+    }
+
+
+def _check_clean(quick: bool, root: Path | None, allow_dirty: bool) -> list[str]:
+    dirty = records.uncommitted()
+    if dirty and not quick and root is None and not allow_dirty:
+        raise ExperimentError(f"uncommitted code ({', '.join(dirty[:4])}{' ...' if len(dirty) > 4 else ''}): "
+                              "records must come from committed code; commit first (or pass --allow-dirty, "
+                              "which the record then says)")
+    return dirty
+
+
+def _prepare_data(specs: list[RunSpec]) -> None:
+    """Build each data config's tokenizer and validation set once, before workers share the cache."""
+    from lecture3 import data as dataio
+
+    seen = set()
+    for s in specs:
+        d = s.config.data
+        if d in seen:
+            continue
+        seen.add(d)
+        dataio.load_tokenizer(d)
+        dataio.validation_batches(d, s.config.train.batch_size)
+
+
+def run_one(claim: Claim, spec: RunSpec, folder: Path, scale: str, quick: bool, root: Path | None,
+            dirty: list[str]) -> dict:
+    t0 = time.perf_counter()
+    result = execute(claim, spec)
+    rec = record_of(claim, spec, result, time.perf_counter() - t0, scale, quick, root, dirty)
+    records.write(folder / "runs", rec)
+    return rec
+
+
+def _pinned(core: int | None):
+    if core is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    return lambda: os.sched_setaffinity(0, {core})
+
+
+def default_jobs() -> int:
+    """Worker processes: on a CPU host one per core, pinned (measured fastest here: two pinned processes
+    gave 1.15-1.2x one two-thread process); on an accelerator one process."""
+    import jax
+
+    if jax.devices()[0].platform != "cpu":
+        return 1
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, n)
+
+
+def run_claim(claim: Claim, *, scale: str = "cpu", quick: bool = False, jobs: int | None = None,
+              root: Path | None = None, allow_dirty: bool = False, echo: Callable = print) -> Results:
+    """Run every missing run of the claim's grid, then write its report; returns the results."""
+    specs = grid(claim, scale, quick)
+    folder = results_dir(claim, scale, quick, root)
+    dirty = _check_clean(quick, root, allow_dirty)
+    done = records.read_all(folder / "runs")
+    todo = [s for s in specs if s.key not in done]
+    echo(f"{claim.name}: {len(specs) - len(todo)}/{len(specs)} runs done; {len(todo)} to run in {folder}")
+    jobs = default_jobs() if jobs is None else jobs
+    shared = [s for s in todo if not s.exclusive]
+    alone = [s for s in todo if s.exclusive]
+    if todo:
+        _prepare_data(todo)
+    if jobs > 1 and len(shared) > 1:
+        _run_workers(claim, shared, jobs, scale, quick, root, allow_dirty, echo)
+    else:
+        alone = shared + alone
+    for i, spec in enumerate(alone, 1):
+        t0 = time.perf_counter()
+        run_one(claim, spec, folder, scale, quick, root, dirty)
+        echo(f"  [{i}/{len(alone)}] {spec.label} ({spec.measure}) {time.perf_counter() - t0:.0f} s")
+    results = Results(specs, records.read_all(folder / "runs"))
+    from lecture3.experiment import report
+
+    path = report.write(claim, results, folder, scale=scale, quick=quick)
+    echo(f"{claim.name}: {report.verdict_line(claim, results, quick)}; wrote {path}")
+    return results
+
+
+def _run_workers(claim, specs, jobs, scale, quick, root, allow_dirty, echo) -> None:
+    """Each spec in its own `lecture3 experiment NAME --run KEY` process, `jobs` at a time, one per core."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None] * jobs
+    free = list(cores[:jobs]) if len(cores) >= jobs else [None] * jobs
+    pending = list(specs)
+    running: dict[subprocess.Popen, tuple] = {}
+    failures = []
+    n = 0
+    while pending or running:
+        while pending and free:
+            spec, core = pending.pop(0), free.pop(0)
+            cmd = [sys.executable, "-m", "lecture3", "experiment", claim.name, "--run", spec.key, "--scale", scale]
+            cmd += ["--quick"] if quick else []
+            cmd += ["--results-dir", str(root)] if root is not None else []
+            cmd += ["--allow-dirty"] if allow_dirty else []
+            proc = subprocess.Popen(cmd, preexec_fn=_pinned(core), stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+            running[proc] = (spec, core, time.perf_counter())
+        time.sleep(0.2)
+        for proc in [p for p in running if p.poll() is not None]:
+            spec, core, t0 = running.pop(proc)
+            free.append(core)
+            n += 1
+            out = proc.stdout.read() if proc.stdout else ""
+            if proc.returncode != 0:
+                failures.append((spec, out))
+                echo(f"  [{n}/{len(specs)}] {spec.label}: FAILED (rc {proc.returncode})\n{out[-2000:]}")
+            else:
+                echo(f"  [{n}/{len(specs)}] {spec.label} ({spec.measure}) {time.perf_counter() - t0:.0f} s"
+                     f"{'' if core is None else f' on core {core}'}")
+    if failures:
+        raise ExperimentError(f"{len(failures)} run(s) of {claim.name} failed (output above); the finished runs "
+                              "are recorded: fix the cause and rerun to do the rest")
+
+
+def find(claim: Claim, key: str, scale: str, quick: bool) -> RunSpec:
+    for s in grid(claim, scale, quick):
+        if s.key == key:
+            return s
+    raise ExperimentError(f"no run {key!r} in {claim.name}'s {'quick ' if quick else ''}{scale} grid: "
+                          f"`lecture3 experiment {claim.name} --list-runs` lists them")
