@@ -242,13 +242,19 @@ Batches = Iterable[Mapping[str, Any]]
 Callback = Callable[[dict], Any]
 
 
+def _check_batch(raw, i: int, what: str) -> Mapping[str, Any]:
+    """`raw` itself if it is a batch (a mapping with `inputs` and `targets`), else a one-line DataError
+    naming the argument (`what`) and the batch's index."""
+    if not isinstance(raw, Mapping) or "inputs" not in raw or "targets" not in raw:
+        raise dataio.DataError(f"{what} batch {i} is not a mapping with 'inputs' and 'targets' (int[B, T]); "
+                               "optional keys: loss_mask, positions, segment_ids")
+    return raw
+
+
 def _user_batches(data: Batches, tcfg, seq_len: int, what: str):
     """The caller's batches as dicts of numpy arrays, checked against the config (before any compute)."""
     for i, raw in enumerate(data):
-        if not isinstance(raw, Mapping) or "inputs" not in raw or "targets" not in raw:
-            raise dataio.DataError(f"{what} batch {i} is not a mapping with 'inputs' and 'targets' (int[B, T]); "
-                                   "optional keys: loss_mask, positions, segment_ids")
-        batch = {k: np.asarray(v) for k, v in raw.items()}
+        batch = {k: np.asarray(v) for k, v in _check_batch(raw, i, what).items()}
         shape = (tcfg.batch_size, seq_len)
         if batch["inputs"].shape != shape or batch["targets"].shape != shape:
             raise dataio.DataError(f"{what} batch {i} has inputs {batch['inputs'].shape} and targets "
@@ -467,9 +473,7 @@ def evaluate(cfg: Config | ModelConfig, params, data: Batches) -> dict:
     eval_fn = _jitted_eval(mcfg)
     loss_sum, tokens = 0.0, 0.0
     for i, raw in enumerate(data):
-        if not isinstance(raw, Mapping) or "inputs" not in raw or "targets" not in raw:
-            raise dataio.DataError(f"evaluate: batch {i} is not a mapping with 'inputs' and 'targets'")
-        out = eval_fn(params, {k: jnp.asarray(v) for k, v in raw.items()})
+        out = eval_fn(params, {k: jnp.asarray(v) for k, v in _check_batch(raw, i, "evaluate: data").items()})
         loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
     if tokens == 0:
         raise dataio.DataError("evaluate: the data held no target token (empty, or every loss_mask is 0)")

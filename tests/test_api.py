@@ -83,6 +83,11 @@ def test_own_batches_of_the_wrong_shape_fail_before_any_compute(tmp_path):
         lecture3.train(cfg, data=_batches(2, t=16))
     with pytest.raises(lecture3.Lecture3Error, match="'inputs' and 'targets'"):
         lecture3.train(cfg, data=[{"tokens": np.zeros((8, 32))}])
+    with pytest.raises(lecture3.Lecture3Error, match=r"val_data batch 1 is not a mapping with 'inputs' and 'targets'"):
+        lecture3.train(cfg, data=_batches(2), val_data=[*_batches(1), np.zeros((8, 32))])
+    with pytest.raises(lecture3.Lecture3Error, match=r"evaluate: data batch 0 is not a mapping with 'inputs' and "
+                       r"'targets' \(int\[B, T\]\); optional keys: loss_mask"):
+        lecture3.evaluate(cfg, None, [{"tokens": np.zeros((8, 32))}])  # checked before the params are used
 
 
 def test_a_workdir_run_on_own_batches_resumes_where_it_stopped(tmp_path):
