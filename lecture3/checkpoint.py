@@ -22,24 +22,13 @@ import jax
 import orbax.checkpoint as ocp
 
 from lecture3.errors import Lecture3Error
+from lecture3.grid import config_diff
 
 log = logging.getLogger("lecture3")
 
 
 class CheckpointError(Lecture3Error):
     """A workdir that cannot be resumed as asked."""
-
-
-def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Human-readable `field: old -> new` lines for every differing (nested) field."""
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_diff(a, b, f"{prefix}{key}.")
-        elif (list(a) if isinstance(a, tuple | list) else a) != (list(b) if isinstance(b, tuple | list) else b):
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -66,20 +55,26 @@ def check_resumable(workdir: Path, config: dict) -> None:
     if not path.exists() or not any((workdir / "checkpoints").glob("[0-9]*")):
         return
     saved = json.loads(path.read_text())
-    diffs = [d for section in ("model", "data")
-             for d in config_diff({section: saved.get(section, {})}, {section: config.get(section, {})})]
+    diffs = _diff_lines(saved, config, ("model", "data"))
     if diffs:
         raise CheckpointError(
-            f"{workdir} holds a run with a different config ({'; '.join(diffs)}); resume with the same "
+            f"{workdir} holds a run with a different config ({diffs}); resume with the same "
             f"flags, or start a new run with another --workdir")
-    train = {k: v for k, v in config.get("train", {}).items() if k not in RESUME_SAFE_TRAIN_FIELDS}
-    old = {k: v for k, v in saved.get("train", {}).items() if k not in RESUME_SAFE_TRAIN_FIELDS}
-    diffs = config_diff({"train": old}, {"train": train})
+    diffs = _diff_lines(saved, config, ("train",), skip=RESUME_SAFE_TRAIN_FIELDS)
     if diffs and not config.get("train", {}).get("allow_config_change", False):
         raise CheckpointError(
             f"{workdir} was trained with other settings that change the schedule, the optimiser or the data "
-            f"order ({'; '.join(diffs)}); resume with the same flags, pass --train.allow-config-change true "
+            f"order ({diffs}); resume with the same flags, pass --train.allow-config-change true "
             f"to resume with these on purpose (config-history.jsonl keeps each command), or use another --workdir")
+
+
+def _diff_lines(saved: dict, current: dict, sections: tuple[str, ...], skip: frozenset = frozenset()) -> str:
+    """`section.field: old -> new` for each differing (nested) field of `sections`, sorted, joined by `; `."""
+    def pick(config):
+        return {s: {k: v for k, v in config.get(s, {}).items() if k not in skip} for s in sections}
+
+    diff = config_diff(pick(saved), pick(current), nested=True)
+    return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in sorted(diff.items()))
 
 
 def record_config(workdir: Path, config: dict, step: int) -> None:

@@ -37,12 +37,26 @@ def _plain(value):
     return value
 
 
-def config_diff(a: Config | Mapping, b: Config | Mapping) -> dict[str, tuple[Any, Any]]:
-    """{dotted key: (value in a, value in b)} for every field that differs; a key missing on one side
-    (a config saved by an older version) shows as `"<absent>"`."""
-    fa, fb = flatten(a), flatten(b)
-    return {k: (fa.get(k, "<absent>"), fb.get(k, "<absent>")) for k in [*fa, *(k for k in fb if k not in fa)]
-            if fa.get(k, "<absent>") != fb.get(k, "<absent>")}
+ABSENT = "<absent>"  # the value of a key that one side of a diff lacks (a config saved by an older version)
+
+
+def config_diff(a: Config | Mapping, b: Config | Mapping, *, nested: bool = False) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (value in a, value in b)} for every field that differs; a key missing on one side shows
+    as `ABSENT`. A nested dataclass (e.g. `model.rope_scaling`) is one value, as `Config.replace` takes it;
+    with `nested=True`, where both sides hold one, its own fields are compared instead
+    (`model.rope_scaling.factor`)."""
+    return _diff(flatten(a), flatten(b), nested)
+
+
+def _diff(fa: Mapping, fb: Mapping, nested: bool, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    out = {}
+    for k in [*fa, *(k for k in fb if k not in fa)]:
+        va, vb = fa.get(k, ABSENT), fb.get(k, ABSENT)
+        if nested and isinstance(va, dict) and isinstance(vb, dict):
+            out.update(_diff(va, vb, nested, f"{prefix}{k}."))
+        elif va != vb:
+            out[f"{prefix}{k}"] = (va, vb)
+    return out
 
 
 def _format(value) -> str:

@@ -46,6 +46,18 @@ def test_config_diff_is_empty_for_equal_configs_and_sees_nested_fields():
     assert flatten(a)["model.layer_pattern"] == ["global"]
 
 
+def test_config_diff_nested_compares_the_fields_of_nested_dataclasses():
+    a = Config().replace(**{"model.position": "rope",
+                            "model.rope_scaling": RopeScaling(factor=8.0, original_max_position=256)})
+    b = a.replace(**{"model.rope_scaling": RopeScaling(factor=4.0, original_max_position=256), "train.lr": 1e-3})
+    assert list(config_diff(a, b)) == ["model.rope_scaling", "train.lr"]  # the dataclass is one value
+    assert config_diff(a, b, nested=True) == {"model.rope_scaling.factor": (8.0, 4.0), "train.lr": (3e-3, 1e-3)}
+    assert config_diff(Config(), a, nested=True)["model.rope_scaling"][0] is None  # None vs a dataclass: one value
+    saved = a.to_dict()
+    del saved["train"]["lr"]  # a config.json of an older version, without the field
+    assert config_diff(saved, a, nested=True) == {"train.lr": ("<absent>", 3e-3)}
+
+
 def test_grid_is_the_full_product_with_unique_stable_names():
     base = Config()
     axes = {"model.norm": ["rmsnorm", "layernorm"], "model.norm_position": ["pre", "post", "sandwich"],
