@@ -13,13 +13,22 @@
     out = Transformer(cfg).apply({"params": params}, tokens, capture=("attn_probs", "resid_rms"))
 """
 
-from lecture3 import accounting, capture, diagnostics, hf, losses, optim, presets
+import importlib
+
+# The jax-free part of the API is imported here; everything else on first use (PEP 562), so that
+# `import lecture3.config` or `lecture3 data --help` does not load jax. `grid` must be bound here:
+# importing the submodule lecture3.grid would otherwise leave the module under that name.
 from lecture3.config import Config, DistConfig, MeshConfig, ModelConfig, RopeScaling, TrainConfig
-from lecture3.decoding import generate
 from lecture3.errors import Lecture3Error
 from lecture3.grid import config_diff, grid, run_name
-from lecture3.loop import History, Run, evaluate, init_params, load_run, train
-from lecture3.model import Output, Transformer
+
+_LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None: the module itself)
+    **{m: (f"lecture3.{m}", None) for m in ("accounting", "capture", "diagnostics", "hf", "losses", "optim",
+                                            "presets")},
+    "generate": ("lecture3.decoding", "generate"),
+    **{n: ("lecture3.loop", n) for n in ("History", "Run", "evaluate", "init_params", "load_run", "train")},
+    **{n: ("lecture3.model", n) for n in ("Output", "Transformer")},
+}
 
 __all__ = [
     "Config",
@@ -49,3 +58,17 @@ __all__ = [
     "run_name",
     "train",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lecture3' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value  # later look-ups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

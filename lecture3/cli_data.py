@@ -6,7 +6,7 @@ import argparse
 import time
 
 from lecture3.config import Config
-from lecture3.data import DataConfig, corpus_stats
+from lecture3.data import DataConfig
 from lecture3.flags import add_dataclass_flags, dataclass_from_args
 
 
@@ -19,6 +19,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_data(args: argparse.Namespace) -> int:
+    from lecture3.data import corpus_stats  # loads the sources and grain: not for --help
+
     cfg = dataclass_from_args(args, "data", DataConfig, Config().data)  # the data `lecture3 train` reads
     start = time.perf_counter()
     stats = corpus_stats(cfg, max_documents=args.max_documents, progress=True)

@@ -19,8 +19,6 @@ import pathlib
 import sys
 import time
 
-import jax
-
 
 def add_generate_args(parser: argparse.ArgumentParser) -> None:
     """The flags of `lecture3 generate`."""
@@ -97,6 +95,8 @@ def _prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Load the model, generate, print each row (text when there is a tokenizer, else ids); 0 if done."""
+    import jax
+
     from lecture3.decoding import generate
 
     cfg, params, tokenizer = _load(args)  # bad input raises a Lecture3Error: `lecture3` prints one line

@@ -14,6 +14,7 @@ from typing import Literal
 
 from lecture3.data.config import DataConfig
 from lecture3.errors import Lecture3Error
+from lecture3.loss_spec import LossSpecError, parse_terms
 
 Norm = Literal["layernorm", "rmsnorm", "none"]
 NormPosition = Literal["pre", "post", "sandwich", "post_branch"]
@@ -302,7 +303,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # clip by global norm
     weight_decay_mode: WeightDecayMode = "decoupled"  # decay * lr (AdamW) or decay * lr/peak_lr (Wortsman 2023)
     z_loss: float | None = None  # weight of the z-loss term mean(log^2 Z) (PaLM: 1e-4)
-    loss: str = "cross_entropy"  # loss terms by name, e.g. cross_entropy+logit_l2:1e-5 (see losses.TERMS)
+    loss: str = "cross_entropy"  # loss terms by name, e.g. cross_entropy+logit_l2:1e-5 (see loss_spec.TERM_ARGS)
     log_per_layer: bool = False  # also log per-layer grad norm, update/param ratio and max attention logit
     on_nonfinite: OnNonFinite = "stop"  # a NaN/Inf loss stops the run, or that update is skipped
     seed: int = 0
@@ -346,10 +347,8 @@ class TrainConfig:
         if self.weight_decay_mode not in typing.get_args(WeightDecayMode):
             _fail("TrainConfig", "weight_decay_mode", self.weight_decay_mode,
                   f"one of {typing.get_args(WeightDecayMode)}")
-        from lecture3.losses import LossSpecError, parse_terms  # the spec is checked here, before any compute
-
         try:
-            terms = parse_terms(self.loss)
+            terms = parse_terms(self.loss)  # the spec is checked here, before any compute
         except LossSpecError as e:
             raise LossSpecError(f"TrainConfig.loss={self.loss!r} is invalid: {e}") from None
         if self.z_loss is not None and "z_loss" in terms:

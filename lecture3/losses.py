@@ -23,13 +23,9 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from lecture3.errors import Lecture3Error
+from lecture3.loss_spec import TERM_ARGS, LossSpecError, parse_terms, spec_help  # noqa: F401 - re-exported
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-
-
-class LossSpecError(Lecture3Error):
-    """A loss specification naming an unknown term or giving it bad arguments."""
 
 
 def loss_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -185,18 +181,15 @@ def compose(*terms: LossFn) -> LossFn:
     return fn
 
 
-# name -> (factory, the names of its numeric arguments, in the order a spec gives them)
+# name -> (factory, the names of its numeric arguments, in the order a spec gives them: `loss_spec.TERM_ARGS`)
 TERMS: dict[str, tuple[Callable[..., LossFn], tuple[str, ...]]] = {
-    "cross_entropy": (cross_entropy, ("label_smoothing",)),
-    "z_loss": (z_loss, ("weight",)),
-    "logit_l2": (logit_l2, ("weight",)),
-    "max_attn_logit": (max_attn_logit, ("weight", "threshold")),
-    "attn_entropy_floor": (attn_entropy_floor, ("weight", "floor")),
-}
-
-
-def spec_help() -> str:
-    return ", ".join(f"{n}[:{','.join(a)}]" for n, (_, a) in TERMS.items())
+    name: (factory, TERM_ARGS[name]) for name, factory in {
+        "cross_entropy": cross_entropy,
+        "z_loss": z_loss,
+        "logit_l2": logit_l2,
+        "max_attn_logit": max_attn_logit,
+        "attn_entropy_floor": attn_entropy_floor,
+    }.items()}
 
 
 def parse(spec: str) -> LossFn:
@@ -204,36 +197,6 @@ def parse(spec: str) -> LossFn:
     `name` or `name:a,b` with the term's numeric arguments in the order of `TERMS` (cross_entropy's one
     argument is its label smoothing; every other term's first is its weight)."""
     return from_config(parse_terms(spec))
-
-
-def parse_terms(spec: str) -> dict[str, tuple[float, ...]]:
-    """The `{name: args}` of a spec, validated (one line naming what is wrong), before anything is built."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise LossSpecError(f"loss spec {spec!r} is empty: expected e.g. 'cross_entropy+z_loss:1e-4'")
-    out: dict[str, tuple[float, ...]] = {}
-    for item in spec.replace(" ", "").split("+"):
-        name, _, rest = item.partition(":")
-        if name not in TERMS:
-            import difflib
-
-            close = difflib.get_close_matches(name, list(TERMS), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise LossSpecError(f"unknown loss term {name!r} in {spec!r}: {hint}expected one of {spec_help()}")
-        if name in out:
-            raise LossSpecError(f"loss term {name!r} appears twice in {spec!r}; give it once")
-        arg_names = TERMS[name][1]
-        raw = [a for a in rest.split(",")] if rest else []
-        if len(raw) > len(arg_names):
-            raise LossSpecError(f"loss term {item!r} takes at most {len(arg_names)} argument(s) "
-                                f"({', '.join(arg_names)}), got {len(raw)}")
-        try:
-            out[name] = tuple(float(a) for a in raw)
-        except ValueError:
-            raise LossSpecError(f"loss term {item!r}: arguments must be numbers ({', '.join(arg_names)})") from None
-    if "cross_entropy" not in out:
-        raise LossSpecError(f"loss spec {spec!r} has no cross_entropy term: the model would not learn the data; "
-                            "start it with 'cross_entropy+...'")
-    return out
 
 
 def from_config(terms: Mapping[str, float | tuple | None]) -> LossFn:

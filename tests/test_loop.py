@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import struct
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 from train_helpers import cli_flags, tiny_config
 
+import lecture3
 from lecture3 import cli, loop, steps
 from lecture3.checkpoint import Checkpointer, CheckpointError, check_resumable
 from lecture3.config import TrainConfig
@@ -222,3 +224,17 @@ def test_a_resume_keeps_tensorboard_history_and_metrics_in_step(tmp_path, capsys
     assert [h["step"] for h in history] == [0, 3]
     assert history[1]["config"]["train"]["sample_tokens"] == 0 and history[0]["config"]["train"]["sample_tokens"] == 8
     assert json.loads((wd / "config.json").read_text())["train"]["sample_tokens"] == 0
+
+
+def test_history_to_pandas_is_a_frame_indexed_by_step(monkeypatch):
+    pd = pytest.importorskip("pandas")
+    history = loop.History([{"step": 10, "loss": 3.0, "lr": 1e-3}, {"step": 20, "loss": 2.5, "lr": 2e-3,
+                                                                      "val_loss": 2.7}])
+    df = history.to_pandas()
+    assert isinstance(df, pd.DataFrame) and df.index.name == "step" and list(df.index) == [10, 20]
+    assert list(df.columns) == ["loss", "lr", "val_loss"]
+    assert df.loc[20, "loss"] == 2.5 and math.isnan(df.loc[10, "val_loss"]) and df.loc[20, "val_loss"] == 2.7
+    assert history.df.equals(df)
+    monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
+    with pytest.raises(lecture3.Lecture3Error, match="History.to_pandas needs pandas: pip install pandas"):
+        history.to_pandas()

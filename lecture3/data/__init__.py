@@ -5,10 +5,19 @@
     val = validation_batches(cfg, batch_size=16)      # the fixed validation set
 """
 
+import importlib
+
 from lecture3.data.config import DataConfig, DataError
-from lecture3.data.pipeline import global_batch, make_train_iterator, validation_batches
-from lecture3.data.stats import corpus_stats
-from lecture3.data.tokenizer import Tokenizer, load_tokenizer
+
+# the rest on first use (PEP 562): the pipeline and the sources load grain, tfds and jax
+_LAZY = {
+    "Tokenizer": "lecture3.data.tokenizer",
+    "corpus_stats": "lecture3.data.stats",
+    "global_batch": "lecture3.data.pipeline",
+    "load_tokenizer": "lecture3.data.tokenizer",
+    "make_train_iterator": "lecture3.data.pipeline",
+    "validation_batches": "lecture3.data.pipeline",
+}
 
 __all__ = [
     "DataConfig",
@@ -20,3 +29,15 @@ __all__ = [
     "make_train_iterator",
     "validation_batches",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'lecture3.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
