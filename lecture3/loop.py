@@ -29,7 +29,12 @@ log = logging.getLogger("lecture3")
 
 
 class TrainingError(Lecture3Error, RuntimeError):
-    """The run itself failed (e.g. a non-finite loss); the last good checkpoint is intact."""
+    """The run itself failed (e.g. a non-finite loss); the last good checkpoint is intact. `step` is the
+    step that failed, when known."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def _gpu(bf16: float, tf32: float) -> dict[str, float]:
@@ -188,12 +193,12 @@ def _check_finite(finite, step: int, ckpt: Checkpointer | None) -> None:
         return
     if ckpt is None:
         raise TrainingError(f"non-finite loss at step {step}; the state was not updated. Lower the lr, add "
-                            "z-loss (train.z_loss=1e-4), or set train.on_nonfinite='skip'")
+                            "z-loss (train.z_loss=1e-4), or set train.on_nonfinite='skip'", step=step)
     last = ckpt.manager.latest_step()
     raise TrainingError(
         f"non-finite loss at step {step}; the state was not updated and the last good checkpoint "
         f"({'none yet' if last is None else f'step {last}'}) is intact. Lower --train.lr, add "
-        f"--train.z-loss 1e-4, or pass --train.on-nonfinite skip")
+        f"--train.z-loss 1e-4, or pass --train.on-nonfinite skip", step=step)
 
 
 class History(list):

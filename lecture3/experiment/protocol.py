@@ -49,7 +49,7 @@ def model_m(**changes) -> ModelConfig:
 def config(model: ModelConfig, *, lr: float, seed: int, steps: int = STEPS, seq_len: int = SEQ_LEN,
            warmup: float = WARMUP_FRACTION, scale: str = "cpu", **train) -> Config:
     """A run of the protocol: `model` trained at peak `lr` with `seed`; `train` overrides TrainConfig
-    fields (e.g. weight_decay=0.0, z_loss=1e-4, final_lr=0.0)."""
+    fields (e.g. weight_decay=0.0, which is `None`: off; z_loss=1e-4; final_lr=0.0)."""
     if scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}: expected one of {SCALES}")
     if scale == "gpu":
@@ -57,7 +57,7 @@ def config(model: ModelConfig, *, lr: float, seed: int, steps: int = STEPS, seq_
     tcfg = TrainConfig(
         steps=steps, batch_size=BATCH, lr=lr, final_lr=train.pop("final_lr", FINAL_LR_FRACTION * lr),
         warmup_steps=int(round(warmup * steps)), schedule="cosine", beta1=0.9, beta2=0.95, eps=1e-8,
-        weight_decay=train.pop("weight_decay", 0.1), grad_clip=1.0, seed=seed,
+        weight_decay=train.pop("weight_decay", 0.1) or None, grad_clip=1.0, seed=seed,
         log_every=train.pop("log_every", 10), eval_every=train.pop("eval_every", steps),
         eval_batches=VAL_ROWS // BATCH, checkpoint_every=steps, sample_tokens=0, progress=False,
         on_nonfinite="stop", **train)

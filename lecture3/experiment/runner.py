@@ -66,7 +66,8 @@ def module_of(claim: Claim):
 
 
 def grid(claim: Claim, scale: str = "cpu", quick: bool = False) -> list[RunSpec]:
-    """The claim's runs; in quick mode one seed and one LR per arm, each config shrunk (protocol.quick)."""
+    """The claim's runs; in quick mode the first run of each (measure, arm), each config shrunk
+    (protocol.quick)."""
     specs = claim.runs(scale)
     keys = [s.key for s in specs]
     if len(set(keys)) != len(keys):
@@ -78,7 +79,7 @@ def grid(claim: Claim, scale: str = "cpu", quick: bool = False) -> list[RunSpec]
     for s in specs:
         if s.tags.get("seed", first_seed) != first_seed:
             continue
-        arm = (s.measure, tuple(sorted((k, str(v)) for k, v in s.tags.items() if k not in ("lr", "seed"))))
+        arm = (s.measure, str(s.tags.get("arm")))
         if arm in seen:
             continue
         seen.add(arm)
