@@ -18,6 +18,8 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default=None,
                         help="a claim (c01, 1, or c01_pre_vs_post_norm) or 'all'")
     parser.add_argument("--list", action="store_true", help="list the claims with runs done / total and verdict")
+    parser.add_argument("--markdown", action="store_true",
+                        help="with --list: the README's table (claim, verdict, key number, report, command)")
     parser.add_argument("--list-runs", action="store_true", help="list the runs of the claim with their keys")
     parser.add_argument("--quick", action="store_true",
                         help="every arm once, tiny and for 3 steps: the code path in seconds, no verdict "
@@ -111,14 +113,35 @@ def _one(claim, args) -> int:
 def _list(args) -> int:
     from lecture3.experiment import records, report, runner
 
+    rows = []
     for path in runner.claim_files():
         claim = runner.load(path.stem)
         specs = runner.grid(claim, args.scale, args.quick)
         folder = runner.results_dir(claim, args.scale, args.quick, args.results_dir)
         results = runner.Results(specs, records.read_all(folder / "runs"))
         verdict = report.verdict_of(claim, results, args.quick)
-        print(f"{claim.short}  {claim.name:<34} {len(results.rows):>4}/{len(specs):<4} {verdict}")
+        if args.markdown:
+            rows.append(_markdown_row(claim, results, verdict, folder))
+        else:
+            print(f"{claim.short}  {claim.name:<34} {len(results.rows):>4}/{len(specs):<4} {verdict}")
+    if args.markdown:
+        print("| # | claim | verdict | key number | runs | report | reproduce |")
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
     return 0
+
+
+def _markdown_row(claim, results, verdict, folder) -> str:
+    from lecture3.experiment import records
+
+    key = claim.key_number(results) if results.rows else ""
+    try:
+        rel = (folder / "report.md").relative_to(records.REPO)
+    except ValueError:
+        rel = folder / "report.md"
+    link = f"[report]({rel})" if (folder / "report.md").exists() else "–"
+    return (f"| {claim.number} | {claim.title} | {verdict} | {key or '–'} | {len(results.rows)}/{len(results.specs)} "
+            f"| {link} | `lecture3 experiment {claim.short}` |")
 
 
 def command():

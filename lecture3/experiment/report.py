@@ -94,7 +94,9 @@ def setup_lines(claim: Claim, results: Results, scale: str, quick: bool) -> list
            "- models (d_model, layers, heads, T, batch): " + ", ".join(map(str, models)),
            f"- machine: {'; '.join(machines) or '–'}",
            f"- commits: {', '.join(commits) or '–'}; total wall time of the runs: {wall / 60:.1f} min",
-           "- data: stdlib corpus, bpe:2048, fixed validation set of 512 rows (quick mode: bytes, 4 rows)"]
+           "- data: " + ", ".join(sorted({f"{s.config.data.source} corpus, tokenizer {s.config.data.tokenizer}, "
+                                         f"T {s.config.data.seq_len}, validation {s.config.data.val_sequences} rows"
+                                         for s, _ in train})) or "–"]
     return out
 
 

@@ -1,0 +1,110 @@
+"""`lecture3 experiment`: resumable grids (a killed grid finishes without redoing finished runs), records
+whose command reproduces them, the quick path of every claim, listing and bad input."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lecture3 import cli
+from lecture3.experiment import records, runner
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def _cmd(*args):
+    return [sys.executable, "-m", "lecture3", "experiment", *args]
+
+
+@pytest.mark.slow
+def test_a_killed_grid_finishes_without_redoing_finished_runs_and_a_record_reproduces(tmp_path):
+    root = tmp_path / "results"
+    folder = runner.results_dir(runner.load("c04"), "cpu", True, root) / "runs"
+    proc = subprocess.Popen(_cmd("c04", "--quick", "--jobs", "1", "--results-dir", str(root)), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(folder.glob("*.json")) and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-grid: the first record is written, the second run is not done
+    proc.wait()
+    first = list(folder.glob("*.json"))
+    assert len(first) == 1, proc.stdout.read().decode()[-2000:]
+    before = first[0].read_text()
+    assert not list(folder.glob("*.tmp"))
+
+    out = subprocess.run(_cmd("c04", "--quick", "--jobs", "1", "--results-dir", str(root)), env=ENV,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "1/2 runs done; 1 to run" in out.stdout
+    assert first[0].read_text() == before  # not redone
+    recs = records.read_all(folder)
+    assert len(recs) == 2
+    report = (folder.parent / "report.md").read_text().strip().splitlines()
+    assert report[-1].startswith("Verdict: none (quick mode")
+
+    rec = json.loads(before)
+    for key in ("config", "commit", "machine", "command", "wall_s", "result"):
+        assert key in rec
+    assert rec["machine"]["jax"] and rec["result"]["history"] and rec["result"]["final_val_loss"] is not None
+    argv = shlex.split(rec["command"])
+    assert argv[:2] == ["lecture3", "experiment"] and "--check" in argv
+    again = subprocess.run([sys.executable, "-m", "lecture3", *argv[1:]], env=ENV, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr[-2000:]
+    assert "within 1e-4" in again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [p.stem for p in runner.claim_files()])
+def test_every_claims_quick_path_runs_and_writes_a_report_without_a_verdict(name, tmp_path):
+    claim = runner.load(name)
+    res = runner.run_claim(claim, quick=True, root=tmp_path, jobs=1, echo=lambda *a: None)
+    assert res.complete and res.rows
+    folder = runner.results_dir(claim, "cpu", True, tmp_path)
+    lines = (folder / "report.md").read_text().strip().splitlines()
+    assert lines[0].startswith(f"# Claim {claim.number}:")
+    assert lines[-1] == "Verdict: none (quick mode: a smoke run of the code path, not evidence)"
+    assert "## Criteria (fixed before any run)" in lines
+    for spec, rec in res.rows:  # every run produced its numbers
+        if spec.measure == "train":
+            assert rec["result"]["history"] and (rec["result"]["diverged"] or rec["result"]["final_val_loss"] > 0)
+
+
+def test_list_shows_every_claim(capsys, tmp_path):
+    assert cli.main(["experiment", "--list", "--results-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(runner.claim_files()) == 15
+    assert all(" 0/" in line and "incomplete (0/" in line for line in lines)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["experiment", "c99"], "unknown claim 'c99'"),
+    (["experiment", "c04", "--jobs", "0"], "--jobs 0 is invalid"),
+    (["experiment", "c04", "--check"], "--check needs --run"),
+    (["experiment"], "name a claim"),
+    (["experiment", "c04", "--run", "nosuchkey"], "no run 'nosuchkey'"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_a_corrupt_record_is_an_error_naming_it(tmp_path):
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    (folder / "abc.json").write_text("{not json")
+    with pytest.raises(records.RecordError, match="abc.json is not a valid run record"):
+        records.read_all(folder)
+
+
+def test_records_must_come_from_committed_code(monkeypatch):
+    monkeypatch.setattr(records, "uncommitted", lambda *a, **k: ["lecture3/model.py"])
+    with pytest.raises(runner.ExperimentError, match="uncommitted code"):
+        runner._check_clean(quick=False, root=None, allow_dirty=False)
+    assert runner._check_clean(quick=True, root=None, allow_dirty=False) == ["lecture3/model.py"]
