@@ -20,6 +20,8 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the claims with runs done / total and verdict")
     parser.add_argument("--markdown", action="store_true",
                         help="with --list: the README's table (claim, verdict, key number, report, command)")
+    parser.add_argument("--update-readme", action="store_true",
+                        help="write the --list --markdown table into README.md between its claims-table markers")
     parser.add_argument("--list-runs", action="store_true", help="list the runs of the claim with their keys")
     parser.add_argument("--quick", action="store_true",
                         help="every arm once, tiny and for 3 steps: the code path in seconds, no verdict "
@@ -46,6 +48,8 @@ def run_experiment(args: argparse.Namespace) -> int:
         raise runner.ExperimentError(f"--jobs {args.jobs} is invalid: expected 1 or more")
     if args.check and args.run is None:
         raise runner.ExperimentError("--check needs --run KEY (the run to check)")
+    if args.update_readme:
+        return _update_readme(args)
     if args.list:
         return _list(args)
     if args.name is None:
@@ -111,23 +115,50 @@ def _one(claim, args) -> int:
 
 
 def _list(args) -> int:
+    if args.markdown:
+        print(markdown_table(args.scale, args.results_dir))
+        return 0
     from lecture3.experiment import records, report, runner
 
-    rows = []
     for path in runner.claim_files():
         claim = runner.load(path.stem)
         specs = runner.grid(claim, args.scale, args.quick)
         folder = runner.results_dir(claim, args.scale, args.quick, args.results_dir)
         results = runner.Results(specs, records.read_all(folder / "runs"))
         verdict = report.verdict_of(claim, results, args.quick)
-        if args.markdown:
-            rows.append(_markdown_row(claim, results, verdict, folder))
-        else:
-            print(f"{claim.short}  {claim.name:<34} {len(results.rows):>4}/{len(specs):<4} {verdict}")
-    if args.markdown:
-        print("| # | claim | verdict | key number | runs | report | reproduce |")
-        print("|---|---|---|---|---|---|---|")
-        print("\n".join(rows))
+        print(f"{claim.short}  {claim.name:<34} {len(results.rows):>4}/{len(specs):<4} {verdict}")
+    return 0
+
+
+def markdown_table(scale: str = "cpu", root: Path | None = None) -> str:
+    """The README's table of the claims: claim, verdict, key number, runs, report, the command."""
+    from lecture3.experiment import records, report, runner
+
+    rows = ["| # | claim | verdict | key number | runs | report | reproduce |", "|---|---|---|---|---|---|---|"]
+    for path in runner.claim_files():
+        claim = runner.load(path.stem)
+        specs = runner.grid(claim, scale)
+        folder = runner.results_dir(claim, scale, False, root)
+        results = runner.Results(specs, records.read_all(folder / "runs"))
+        rows.append(_markdown_row(claim, results, report.verdict_of(claim, results), folder))
+    return "\n".join(rows)
+
+
+README_MARKERS = ("<!-- claims-table -->", "<!-- /claims-table -->")
+
+
+def _update_readme(args) -> int:
+    from lecture3.experiment import records, runner
+
+    path = records.REPO / "README.md"
+    text = path.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise runner.ExperimentError(f"{path} has no {start} ... {end} markers to write the table between")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{markdown_table(args.scale, args.results_dir)}\n{end}{tail}")
+    print(f"wrote the claims table into {path}")
     return 0
 
 

@@ -108,3 +108,13 @@ def test_records_must_come_from_committed_code(monkeypatch):
     with pytest.raises(runner.ExperimentError, match="uncommitted code"):
         runner._check_clean(quick=False, root=None, allow_dirty=False)
     assert runner._check_clean(quick=True, root=None, allow_dirty=False) == ["lecture3/model.py"]
+
+
+def test_the_readme_table_is_the_recorded_verdicts():
+    from lecture3.cli_experiment import README_MARKERS, markdown_table
+
+    text = (records.REPO / "README.md").read_text()
+    start, end = README_MARKERS
+    table = text.split(start, 1)[1].split(end, 1)[0].strip()
+    assert table == markdown_table(), "README's claims table is stale: run `lecture3 experiment --update-readme`"
+    assert len(table.splitlines()) == 2 + len(runner.claim_files())
