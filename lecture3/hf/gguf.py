@@ -86,9 +86,8 @@ def readable_types() -> tuple[str, ...]:
     gguf = _gguf()
     out = []
     for qtype in gguf.GGMLQuantizationType:
-        _, type_size = gguf.GGML_QUANT_SIZES[qtype]
         try:
-            gguf.quants.dequantize(np.zeros((1, type_size), np.uint8), qtype)
+            gguf.quants.dequantize(np.zeros((1, gguf.GGML_QUANT_SIZES[qtype][1]), np.uint8), qtype)
         except Exception:  # NotImplementedError for most; a probe must never break the error it serves
             continue
         out.append(qtype.name)
@@ -212,10 +211,9 @@ def load_gguf(path: str | pathlib.Path, **overrides) -> tuple[ModelConfig, dict]
                         f"allowed: {', '.join(RUNTIME_FIELDS)}")
     family_name, layout = ARCHITECTURES[arch]
     family, tensors = FAMILIES[family_name], {t.name: t for t in reader.tensors}
+    fields = _config_fields(_Metadata(reader, arch, path), tensors, layout)
     try:
-        cfg = ModelConfig(**_config_fields(_Metadata(reader, arch, path), tensors, layout)).replace(**overrides)
-    except GGUFError:
-        raise
+        cfg = ModelConfig(**fields).replace(**overrides)
     except ValueError as e:  # ModelConfig's own validation, naming the field
         raise GGUFError(f"{path}: the {arch} metadata gives a config lecture3 rejects: {e}") from e
     # the rules without their RoPE permutation: q and k are taken in the file's own pairing, which cfg names
