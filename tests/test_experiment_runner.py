@@ -118,3 +118,15 @@ def test_the_readme_table_is_the_recorded_verdicts():
     table = text.split(start, 1)[1].split(end, 1)[0].strip()
     assert table == markdown_table(), "README's claims table is stale: run `lecture3 experiment --update-readme`"
     assert len(table.splitlines()) == 2 + len(runner.claim_files())
+
+
+def test_results_and_reports_do_not_count_as_uncommitted_code(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "experiments" / "results" / "c01" / "runs").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "experiments" / "results" / "c01" / "runs" / "k.json").write_text("{}")
+    (repo / "experiments" / "results" / "c01" / "report.md").write_text("x")
+    monkeypatch.setattr(records, "REPO", repo)
+    assert records.uncommitted() == []
+    (repo / "experiments" / "c99_new.py").write_text("")
+    assert records.uncommitted() == ["experiments/c99_new.py"]

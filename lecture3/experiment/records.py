@@ -39,11 +39,11 @@ def commit() -> str | None:
 
 def uncommitted(paths=("lecture3", "experiments")) -> list[str]:
     """Changed or untracked code files under `paths` (results and reports do not count)."""
-    out = _git("status", "--porcelain", "--", *paths)
+    out = _git("status", "--porcelain", "--untracked-files=all", "--", *paths)
     if out is None:
         return []
     files = [line[3:] for line in out.splitlines() if line.strip()]
-    return [f for f in files if f.endswith(".py") or f.endswith("/")]
+    return [f for f in files if f.endswith(".py")]
 
 
 @functools.cache
