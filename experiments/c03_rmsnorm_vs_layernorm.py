@@ -79,8 +79,9 @@ def crit_a(results):
     if t is None:
         return judge.missing()
     p = t["norm_params"]
-    ok = p["rmsnorm"]["attn_norm"] == p["rmsnorm"]["d_model"] and p["layernorm"]["attn_norm"] == 2 * p["layernorm"]["d_model"]
-    return ok, f"params per norm: RMSNorm {p['rmsnorm']['attn_norm']}, LayerNorm {p['layernorm']['attn_norm']} (d = {p['rmsnorm']['d_model']})"
+    rms, ln = p["rmsnorm"], p["layernorm"]
+    ok = rms["attn_norm"] == rms["d_model"] and ln["attn_norm"] == 2 * ln["d_model"]
+    return ok, f"params per norm: RMSNorm {rms['attn_norm']}, LayerNorm {ln['attn_norm']} (d = {rms['d_model']})"
 
 
 def _shares(t):
@@ -135,7 +136,8 @@ def key_number(results) -> str:
     if t is None:
         return ""
     s = _shares(t)
-    return f"norm runtime share {100 * s['rmsnorm']:.0f}% (RMSNorm) vs FLOP share {100 * t['flop_share']['rmsnorm']:.1f}%"
+    return (f"norm runtime share {100 * s['rmsnorm']:.0f}% (RMSNorm) vs FLOP share "
+            f"{100 * t['flop_share']['rmsnorm']:.1f}%")
 
 
 CLAIM = Claim(

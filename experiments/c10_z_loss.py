@@ -66,7 +66,8 @@ def crit_b(results):
 
 def criteria(results):
     return [judge.criterion("(a)", "with z-loss, mean |log Z| < 1 at the end for every LR and seed", crit_a(results)),
-            judge.criterion("(b)", "without it at LR 0.1, |log Z| > 5 or worse loss in >= 2 of 3 seeds", crit_b(results))]
+            judge.criterion("(b)", "without it at LR 0.1, |log Z| > 5 or worse loss in >= 2 of 3 seeds",
+                            crit_b(results))]
 
 
 def plots(results, folder):

@@ -48,7 +48,8 @@ def crit_a(results):
         return judge.missing()
     wins = sum(table["per_head"][s] < table["off"][s] for s in table["off"])
     return wins == len(table["off"]), (f"QK-norm lower in {wins}/{len(table['off'])} seeds; per_head "
-                                       f"{judge.fmt_per_seed(table['per_head'])}; off {judge.fmt_per_seed(table['off'])}")
+                                       f"{judge.fmt_per_seed(table['per_head'])}; "
+                                       f"off {judge.fmt_per_seed(table['off'])}")
 
 
 def crit_b(results):
@@ -59,7 +60,8 @@ def crit_b(results):
     if any(v is None for vs in vals.values() for v in vs):
         return False, f"a run logged no finite attention logit: {vals}"
     off, on = stats.mean(vals["off"]), stats.mean(vals["per_head"])
-    return off >= 10 * on, f"mean max attention logit at LR {lr:g}: off {off:.1f}, per_head {on:.2f} (ratio {off / on:.1f}x)"
+    return off >= 10 * on, (f"mean max attention logit at LR {lr:g}: off {off:.1f}, per_head {on:.2f} "
+                            f"(ratio {off / on:.1f}x)")
 
 
 def crit_c(results):
@@ -75,7 +77,8 @@ def crit_c(results):
 
 def criteria(results):
     return [judge.criterion("(a)", "lower LR sensitivity with QK-norm in every seed", crit_a(results)),
-            judge.criterion("(b)", "at the highest LR, max attention logit without QK-norm >= 10x with it", crit_b(results)),
+            judge.criterion("(b)", "at the highest LR, max attention logit without QK-norm >= 10x with it",
+                            crit_b(results)),
             judge.criterion("(c)", "equal loss at LR <= 3e-3", crit_c(results))]
 
 
@@ -92,7 +95,8 @@ def key_number(results) -> str:
     vals = {a: [max_logit(r) for _, r in results.select(arm=a, lr=lr)] for a in ARMS}
     if not all(vals.values()) or any(v is None for vs in vals.values() for v in vs):
         return ""
-    return f"max attn logit at LR {lr:g}: {stats.mean(vals['off']):.0f} without vs {stats.mean(vals['per_head']):.1f} with"
+    return (f"max attn logit at LR {lr:g}: {stats.mean(vals['off']):.0f} without vs "
+            f"{stats.mean(vals['per_head']):.1f} with")
 
 
 CLAIM = Claim(

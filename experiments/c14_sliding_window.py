@@ -33,16 +33,9 @@ Choices the protocol left open, made here before any run and kept:
     same way (every layer keeps 4096 slots; a local layer keeps its 64). Expected: (3 x 64 + 4096) /
     (4 x 4096) = 26.2%. max_seq_len 4096 for these two measure configs (RoPE: no table).
   - "within 1% relative" is one-sided: local/global may be better than full by any amount.
-
-Harness workaround: `protocol.quick` shrinks every model to at most 2 layers, which a 4-layer pattern
-cannot divide (ModelConfig raises). This module wraps `protocol.quick` so that, only where the original
-raises for that reason, the quick model keeps one layer per pattern slot (4 layers here); every other
-config is shrunk exactly as before.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from lecture3 import accounting
 from lecture3.experiment import judge, protocol, report, stats
@@ -58,29 +51,6 @@ KV_CONTEXT = 4096
 KV_CHUNK = 512
 KV_SHARE = 0.30
 ARMS = {"full": {}, "local_global": {"layer_pattern": PATTERN, "sliding_window": WINDOW}}
-
-
-def _quick_keeping_pattern(original):
-    def quick(cfg):
-        try:
-            return original(cfg)
-        except ValueError:
-            m = cfg.model
-            k = len(m.layer_pattern)
-            if min(m.n_layers, 2) % k == 0:
-                raise
-            plain = cfg.replace(model=dataclasses.replace(m, layer_pattern=("global",), sliding_window=None))
-            shrunk = original(plain)
-            return shrunk.replace(model=dataclasses.replace(shrunk.model, n_layers=k, layer_pattern=m.layer_pattern,
-                                                            sliding_window=m.sliding_window))
-
-    quick.keeps_layer_pattern = True
-    quick.__doc__ = original.__doc__
-    return quick
-
-
-if not getattr(protocol.quick, "keeps_layer_pattern", False):
-    protocol.quick = _quick_keeping_pattern(protocol.quick)
 
 
 def run_config(arm: str, seed: int, scale: str = "cpu", **model):

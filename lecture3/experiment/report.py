@@ -88,7 +88,8 @@ def setup_lines(claim: Claim, results: Results, scale: str, quick: bool) -> list
     wall = sum(r["wall_s"] for _, r in results.rows)
     models = sorted({(s.config.model.d_model, s.config.model.n_layers, s.config.model.n_heads,
                       s.config.data.seq_len, s.config.train.batch_size) for s, _ in train})
-    out = [f"- scale: **{scale}**{' (quick mode)' if quick else ''}; runs done: {len(results.rows)}/{len(results.specs)}",
+    out = [f"- scale: **{scale}**{' (quick mode)' if quick else ''}; "
+           f"runs done: {len(results.rows)}/{len(results.specs)}",
            f"- steps per training run: {', '.join(map(str, steps)) or '–'}; tokens per run: "
            f"{', '.join(f'{t:,}' for t in tokens) or '–'}; seeds: {', '.join(map(str, seeds)) or '–'}",
            "- models (d_model, layers, heads, T, batch): " + ", ".join(map(str, models)),

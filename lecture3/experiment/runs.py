@@ -120,7 +120,10 @@ def train_run(config, args: dict) -> dict:
         for w in args.get("eval_windows", ()):  # the same params, every layer local with window w
             mcfg = _with_window(cfg.model, w)
             evals[f"window_{w}"] = evaluate(mcfg, params, val)["loss"]
-        for t in args.get("eval_seq_lens", ()):  # the same params at a longer context
+        lens = args.get("eval_seq_lens", ())
+        if args.get("quick"):  # the tests' smoke run: the code path at twice the (shrunk) context
+            lens = [2 * cfg.data.seq_len] if lens else []
+        for t in lens:  # the same params at a longer context
             data = _replace(cfg.data, seq_len=t)
             mcfg = _replace(cfg.model, max_seq_len=max(cfg.model.max_seq_len, t))
             n = max(1, tcfg.eval_batches * cfg.data.seq_len // t)  # about the same number of tokens

