@@ -28,6 +28,7 @@ member's params are whole on its device (no fsdp/tensor axes inside a population
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -70,23 +71,16 @@ def member_configs(base: Config, members: Sequence[Mapping[str, Any]]) -> list[C
             raise PopulationError(f"member {i} is {overrides!r}: expected a dict of dotted overrides, "
                                   "e.g. {'train.lr': 1e-3}")
         for key in overrides:
-            if key not in known:
-                raise ConfigError(f"member {i}: " + str(_unknown(base, key)))
-            if key not in MEMBER_KEYS:
+            if key in known and key not in MEMBER_KEYS:
                 what = "an architecture field" if key.startswith("model.") else "a field of the program"
                 raise PopulationError(f"member {i} overrides {key!r}, {what}: members may differ only in "
                                       f"{', '.join(MEMBER_KEYS)}; train configs that differ in {key!r} as "
                                       "separate runs (or separate populations)")
-        out.append(base.replace(**dict(overrides)))
+        try:
+            out.append(base.replace(**dict(overrides)))
+        except ConfigError as e:  # an unknown key, named with its close matches
+            raise ConfigError(f"member {i}: {e}") from None
     return out
-
-
-def _unknown(base: Config, key: str) -> ConfigError:
-    try:
-        base.replace(**{key: None})
-    except ConfigError as e:
-        return e
-    return ConfigError(f"Config has no key {key!r}")
 
 
 # ----- per-member optimizer hyperparameters -------------------------------------------------------------
@@ -168,7 +162,6 @@ def make_optimizer(train: TrainConfig, hparams: Mapping[str, Any] | None = None)
 
 def _with_signature(fn, names: tuple[str, ...]):
     """`fn(**h)` with an explicit keyword signature (`inject_hyperparams` binds its arguments by name)."""
-    import inspect
 
     def factory(**h):
         return fn(**h)
@@ -198,17 +191,13 @@ class PopulationState:
     diverged_at: jax.Array  # int32[M]: the step (1-based, as logged) of the first non-finite loss; -1: none
 
 
-def _stack(values: Sequence, dtype) -> np.ndarray:
-    return np.asarray(values, dtype)
-
-
 def member_arrays(configs: Sequence[Config]) -> dict:
     """The per-member inputs of init: seeds int32[M], optimizer numbers float32[M] each, z-loss float32[M]."""
     hp = [optimizer_hparams(c.train) for c in configs]
     return {
-        "seed": _stack([c.train.seed for c in configs], np.int32),
-        "hparams": {k: _stack([h[k] for h in hp], np.float32) for k in hp[0]},
-        "z_loss": _stack([0.0 if c.train.z_loss is None else c.train.z_loss for c in configs], np.float32),
+        "seed": np.asarray([c.train.seed for c in configs], np.int32),
+        "hparams": {k: np.asarray([h[k] for h in hp], np.float32) for k in hp[0]},
+        "z_loss": np.asarray([0.0 if c.train.z_loss is None else c.train.z_loss for c in configs], np.float32),
     }
 
 
@@ -381,7 +370,7 @@ def train(base: Config, members: Sequence[Mapping[str, Any]], *, data: loop.Batc
         from tqdm import tqdm
 
         bar = tqdm(total=tcfg.steps, desc=f"population of {n}", unit="step", dynamic_ncols=True)
-    t_last, tokens_since, stopped = None, 0, None
+    t_last, tokens_since, stopped, done = None, 0, None, 0
     try:
         for step in range(tcfg.steps):
             batch = next(stream, None)
@@ -412,18 +401,19 @@ def train(base: Config, members: Sequence[Mapping[str, Any]], *, data: loop.Batc
                         record.pop("z_loss", None)  # a weight-0 term, only there because another member has one
                     record.update(tokens_per_s=rate, mfu=mfu, **evals[i])
                     history.append(record)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{np.nanmean(values['loss']):.3f}")
+                finite = np.asarray(values["loss"])[np.isfinite(values["loss"])]
+                if bar is not None and finite.size:
+                    bar.set_postfix(best_loss=f"{finite.min():.3f}",
+                                    diverged=int((np.asarray(pstate.diverged_at) >= 0).sum()))
                 t_last, tokens_since = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    if stopped and histories[0] and "val_loss" not in histories[0][-1]:
-        for history, ev in zip(histories, evaluate(pstate), strict=True):
-            if history:
-                history[-1].update(ev)
+    if stopped and val and done and not (histories[0] and histories[0][-1]["step"] == done):
+        for history, ev in zip(histories, evaluate(pstate), strict=True):  # the end is evaluated, as always
+            history.append({"step": done, **ev})
 
     diverged = np.asarray(pstate.diverged_at).tolist()
     unigram = loop.unigram_entropy(val) if val else None
@@ -451,6 +441,3 @@ def _member_batches(iterators: list, shared: bool):
         rows = [now[id(it)] for it in iterators]
         yield {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
-
-__all__ = ["MEMBER_KEYS", "MemberRun", "PopulationError", "PopulationState", "init_population", "make_mesh",
-           "make_optimizer", "make_population_step", "member_configs", "schedule", "schedule_hparams", "train"]
