@@ -31,6 +31,11 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=None,
                         help="worker processes, pinned one per core (default: one per core on CPU, 1 on an "
                         "accelerator); 1 runs in this process")
+    parser.add_argument("--engine", choices=("auto", "processes", "population", "inline"), default="auto",
+                        help="how the training runs of a grid execute: auto (processes pinned one per core on a "
+                        "CPU, one population program per architecture on an accelerator), processes, "
+                        "population (lecture3.population: members differing in seed/LR/WD/z-loss/warmup as one "
+                        "vmapped program), inline (one after another in this process)")
     parser.add_argument("--run", metavar="KEY", default=None, help="one run of the grid, by its record key")
     parser.add_argument("--check", action="store_true",
                         help="with --run: rerun without writing and compare with the recorded result")
@@ -75,7 +80,7 @@ def run_experiment(args: argparse.Namespace) -> int:
             print(f"{claim.name}: {report.verdict_line(claim, results, args.quick)}; wrote {path}")
             continue
         runner.run_claim(claim, scale=args.scale, quick=args.quick, jobs=args.jobs, root=args.results_dir,
-                         allow_dirty=args.allow_dirty)
+                         allow_dirty=args.allow_dirty, engine=args.engine)
     return 0
 
 

@@ -130,3 +130,16 @@ def test_results_and_reports_do_not_count_as_uncommitted_code(tmp_path, monkeypa
     assert records.uncommitted() == []
     (repo / "experiments" / "c99_new.py").write_text("")
     assert records.uncommitted() == ["experiments/c99_new.py"]
+
+
+@pytest.mark.slow
+def test_the_population_engine_records_what_solo_runs_record(tmp_path):
+    claim = runner.load("c09")  # quick: three weight decays, one seed -> one population of three members
+    specs = runner.grid(claim, quick=True)
+    assert len({runner.program_key(s) for s in specs}) == 1 and len(specs) == 3
+    pop = runner.run_claim(claim, quick=True, root=tmp_path / "pop", engine="population", echo=lambda *a: None)
+    solo = runner.run_claim(claim, quick=True, root=tmp_path / "solo", engine="inline", echo=lambda *a: None)
+    for (spec, a), (_, b) in zip(pop.rows, solo.rows, strict=True):
+        assert a["result"]["engine"] == "population of 3"
+        assert a["result"]["final_val_loss"] == pytest.approx(b["result"]["final_val_loss"], abs=1e-5)
+        assert a["result"]["train_loss_tail"] == pytest.approx(b["result"]["train_loss_tail"], abs=1e-5)

@@ -77,15 +77,16 @@ def _widen(model: ModelConfig, k: int) -> ModelConfig:
 
 def quick(cfg: Config) -> Config:
     """The tests' shrink of any run: at most 2 layers (or one repeat of the layer pattern), 3 steps of
-    2 x 32 byte tokens, 2 validation rows."""
+    8 x 32 byte tokens, 8 validation rows."""
     t = cfg.train
     seq = min(32, cfg.data.seq_len)
-    data = dataclasses.replace(cfg.data, tokenizer="bytes", seq_len=seq, val_sequences=4)
+    data = dataclasses.replace(cfg.data, tokenizer="bytes", seq_len=seq, val_sequences=8)
     k = len(cfg.model.layer_pattern)
     layers = min(cfg.model.n_layers, 2)
     if layers % k:  # a layer pattern (e.g. 3 local : 1 global) keeps one whole repeat
         layers = k
     model = dataclasses.replace(cfg.model, vocab_size=259, n_layers=layers)
-    train = dataclasses.replace(t, steps=3, batch_size=2, warmup_steps=min(t.warmup_steps, 1), log_every=1,
-                                eval_every=3, eval_batches=2, checkpoint_every=3)
+    # a batch of 8 splits over the 8 CPU devices the tests simulate
+    train = dataclasses.replace(t, steps=3, batch_size=8, warmup_steps=min(t.warmup_steps, 1), log_every=1,
+                                eval_every=3, eval_batches=1, checkpoint_every=3)
     return Config(model=model, data=data, train=train, mesh=cfg.mesh, dist=cfg.dist)

@@ -172,8 +172,51 @@ def default_jobs() -> int:
     return max(1, n)
 
 
+ENGINES = ("auto", "processes", "population", "inline")
+
+
+def default_engine(jobs: int) -> str:
+    """What measured fastest: on a CPU host worker processes pinned one per core (vmapping members gave no
+    gain there, benchmarks/population.py); on an accelerator one population program per architecture."""
+    import jax
+
+    if jax.devices()[0].platform != "cpu":
+        return "population"
+    return "processes" if jobs > 1 else "inline"
+
+
+def program_key(spec: RunSpec) -> str:
+    """Runs with the same program key differ only in a population's member keys (seed, LR, ...)."""
+    import json
+
+    from lecture3.population import MEMBER_KEYS
+
+    canon = {"train.seed": 0, "data.seed": 0, "train.lr": 1e-3, "train.final_lr": 1e-4, "train.warmup_steps": 0,
+             "train.weight_decay": None, "train.z_loss": None}
+    assert set(canon) == set(MEMBER_KEYS)
+    cfg = spec.config.replace(**canon)
+    return json.dumps([cfg.to_dict(), spec.args], sort_keys=True, default=str)
+
+
+def _run_populations(claim, specs, folder, scale, quick, root, dirty, echo) -> None:
+    from lecture3.experiment.runs import population_runs
+
+    groups: dict[str, list[RunSpec]] = {}
+    for s in specs:
+        groups.setdefault(program_key(s), []).append(s)
+    for i, group in enumerate(groups.values(), 1):
+        t0 = time.perf_counter()
+        results = population_runs([s.config for s in group], group[0].args)
+        wall = (time.perf_counter() - t0) / len(group)
+        for spec, result in zip(group, results, strict=True):
+            records.write(folder / "runs", record_of(claim, spec, result, wall, scale, quick, root, dirty))
+        echo(f"  [population {i}/{len(groups)}] {len(group)} members ({group[0].label} ...) "
+             f"{time.perf_counter() - t0:.0f} s")
+
+
 def run_claim(claim: Claim, *, scale: str = "cpu", quick: bool = False, jobs: int | None = None,
-              root: Path | None = None, allow_dirty: bool = False, echo: Callable = print) -> Results:
+              root: Path | None = None, allow_dirty: bool = False, echo: Callable = print,
+              engine: str = "auto") -> Results:
     """Run every missing run of the claim's grid, then write its report; returns the results."""
     specs = grid(claim, scale, quick)
     folder = results_dir(claim, scale, quick, root)
@@ -186,8 +229,15 @@ def run_claim(claim: Claim, *, scale: str = "cpu", quick: bool = False, jobs: in
     alone = [s for s in todo if s.exclusive]
     if todo:
         _prepare_data(todo)
-    if jobs > 1 and len(shared) > 1:
-        _run_workers(claim, shared, jobs, scale, quick, root, allow_dirty, echo)
+    if engine not in ENGINES:
+        raise ExperimentError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    engine = default_engine(jobs) if engine == "auto" else engine
+    if engine == "population":
+        pop = [s for s in shared if s.measure == "train"]
+        _run_populations(claim, pop, folder, scale, quick, root, dirty, echo)
+        alone = [s for s in shared if s.measure != "train"] + alone
+    elif engine == "processes" and len(shared) > 1:
+        _run_workers(claim, shared, max(jobs, 1), scale, quick, root, allow_dirty, echo)
     else:
         alone = shared + alone
     for i, spec in enumerate(alone, 1):

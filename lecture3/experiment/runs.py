@@ -64,15 +64,10 @@ def probe(cfg, params, batch) -> dict:
 
 def train_run(config, args: dict) -> dict:
     """Train `config` in memory and measure it; never raises on divergence (it is a result)."""
-    import numpy as np
-
-    from lecture3 import data as dataio
     from lecture3.config import Config
-    from lecture3.loop import TrainingError, evaluate, train
+    from lecture3.loop import TrainingError, train
 
     cfg: Config = config
-    tcfg = cfg.train
-    initial = math.log(cfg.model.vocab_size)
     seen: list[dict] = []
 
     def keep(record):
@@ -86,11 +81,24 @@ def train_run(config, args: dict) -> dict:
     except TrainingError as e:  # on_nonfinite="stop": a non-finite loss at step e.step
         history, params = seen, None
         diverged_step = getattr(e, "step", None)
-    wall = time.perf_counter() - t0
+    return measure_trained(cfg, args, history, params, diverged_step, time.perf_counter() - t0)
 
+
+def measure_trained(cfg, args: dict, history: list[dict], params, diverged_step: int | None, wall: float) -> dict:
+    """The result of a finished training of `cfg` (however it was trained: alone or as a population
+    member): divergence, final losses, the probe and the extra evaluations of `params` (None: diverged)."""
+    import numpy as np
+
+    from lecture3 import data as dataio
+    from lecture3.loop import evaluate
+
+    tcfg = cfg.train
+    initial = math.log(cfg.model.vocab_size)
     per_layer = tcfg.log_per_layer
     hist = [_clean(r, per_layer) for r in history]
     losses_logged = [r.get("loss") for r in history if r.get("loss") is not None]
+    if diverged_step is not None:  # a population member frozen at its divergence: its later records are NaN
+        history = [r for r in history if r["step"] <= diverged_step]
     final_val = history[-1].get("val_loss") if history and diverged_step is None else None
     if diverged_step is None and any(not math.isfinite(x) for x in losses_logged):
         diverged_step = next(r["step"] for r in history if not math.isfinite(r.get("loss", 0.0)))
@@ -149,3 +157,24 @@ def _replace(obj, **changes):
 
 def _with_window(mcfg, window: int):
     return _replace(mcfg, sliding_window=window, layer_pattern=("local",))
+
+
+def population_runs(configs: list, args: dict) -> list[dict]:
+    """Train `configs` (which differ only in `lecture3.population.MEMBER_KEYS`) as ONE population program
+    and measure each member as `train_run` measures a solo run. The engine the harness uses on an
+    accelerator (`runner.default_engine`); member i equals its solo run within float tolerance."""
+    from lecture3 import population
+    from lecture3.grid import config_diff
+
+    base = configs[0]
+    members = [{k: new for k, (_, new) in config_diff(base, c).items()} for c in configs]
+    t0 = time.perf_counter()
+    runs = population.train(base, members, progress=False, echo=lambda *a, **k: None)
+    wall = (time.perf_counter() - t0) / len(configs)
+    out = []
+    for cfg, run in zip(configs, runs, strict=True):
+        diverged = run.diverged_at
+        out.append(measure_trained(cfg, args, run.history.to_list(), None if diverged is not None else run.params,
+                                   diverged, wall))
+        out[-1]["engine"] = f"population of {len(configs)}"
+    return out
