@@ -139,7 +139,7 @@ def test_the_population_engine_records_what_solo_runs_record(tmp_path):
     assert len({runner.program_key(s) for s in specs}) == 1 and len(specs) == 3
     pop = runner.run_claim(claim, quick=True, root=tmp_path / "pop", engine="population", echo=lambda *a: None)
     solo = runner.run_claim(claim, quick=True, root=tmp_path / "solo", engine="inline", echo=lambda *a: None)
-    for (spec, a), (_, b) in zip(pop.rows, solo.rows, strict=True):
+    for (_, a), (_, b) in zip(pop.rows, solo.rows, strict=True):
         assert a["result"]["engine"] == "population of 3"
         assert a["result"]["final_val_loss"] == pytest.approx(b["result"]["final_val_loss"], abs=1e-5)
         assert a["result"]["train_loss_tail"] == pytest.approx(b["result"]["train_loss_tail"], abs=1e-5)
