@@ -2,7 +2,8 @@
 ```bash blocks line by line, each in a fresh directory with the installed package (as a new user would).
 
 `pip install ...` prefixes are dropped: the package is already installed, as .ci/run does. The test-suite
-command is not run (it is this suite). Snippets that train, or that run a benchmark, are `slow`.
+command is not run (it is this suite). The commands of `QUICK` run as written plus a few flags that make
+them shorter. Snippets that train, or that run a benchmark, are `slow`.
 """
 
 import doctest
@@ -19,6 +20,16 @@ README = (ROOT / "README.md").read_text()
 BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```", re.S | re.M)
 NOT_RUN = {"python -m pytest -q -n 2": "it is this test suite"}
 SLOW = ("lecture3 train", "benchmarks/", "--workdir runs/default", "lecture3.train(")
+# command as the README writes it -> flags appended when the test runs it (the last of a flag wins).
+# The quick start trains the default run, 600 steps, minutes on 2 cores; 40 steps still warm up, evaluate
+# and checkpoint twice, and sample. The train-step benchmark starts a worker per variant (14, each
+# compiling); the test runs one of each kind: each step implementation (lecture3, lean, flat, flat_vjp;
+# torch math, sdpa), torch threads, a model change and an XLA flag.
+QUICK = {
+    "lecture3 train": "--train.steps 40 --train.warmup-steps 4 --train.eval-every 20 --train.checkpoint-every 20",
+    "python benchmarks/train_step_vs_torch.py --quick":
+        "--variants jax,torch,torch_1t,torch_sdpa,jax_ynn_dot,jax_scan,jax_lean,jax_flat,jax_flat_vjp",
+}
 
 
 def snippets() -> list:
@@ -35,10 +46,16 @@ def snippets() -> list:
 
 
 def script(block: str) -> str:
-    """The block as a bash script: `pip install ... &&` prefixes dropped, the NOT_RUN commands left out."""
-    lines = [re.sub(r"^pip install [^&]*&&\s*", "", line) for line in block.splitlines()]
+    """The block as a bash script: `pip install ... &&` prefixes dropped, the NOT_RUN commands left out,
+    the QUICK commands given their flags (before a trailing `# comment`)."""
+    lines = [quick(re.sub(r"^pip install [^&]*&&\s*", "", line)) for line in block.splitlines()]
     return "".join(f"{line}\n" for line in lines
                    if not line.startswith("pip install") and not any(text in line for text in NOT_RUN))
+
+
+def quick(line: str) -> str:
+    command, comment = re.fullmatch(r"(.*?)(\s+#.*)?", line).groups()
+    return f"{command} {QUICK[command]}{comment or ''}" if command in QUICK else line
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +114,18 @@ def test_snippet_runs_as_written(lang, code, env, tmp_path, request):
 
 
 def test_script_drops_the_install_and_the_test_suite():
-    assert script("pip install -e . && lecture3 train\n") == "lecture3 train\n"
+    assert script("pip install -e . && lecture3 train\n") == f"lecture3 train {QUICK['lecture3 train']}\n"
     assert script('pip install -e ".[test]" && python -m pytest -q -n 2\n') == ""
     assert script("a --x 1 \\\n    --y 2\n") == "a --x 1 \\\n    --y 2\n"
+
+
+def test_quick_flags_go_to_exactly_the_commands_the_readme_writes():
+    assert script("lecture3 train --preset gemma2:tiny\n") == "lecture3 train --preset gemma2:tiny\n"
+    bench = "python benchmarks/train_step_vs_torch.py --quick"
+    assert script(f"{bench}   # JAX vs PyTorch\n") == f"{bench} {QUICK[bench]}   # JAX vs PyTorch\n"
+    written = {quick_line for _, code in (p.values for p in snippets()) for quick_line in script(code).splitlines()}
+    for command, flags in QUICK.items():  # a command the README no longer writes would run in full unnoticed
+        assert any(line.startswith(f"{command} {flags}") for line in written), command
 
 
 def test_core_dependencies_are_what_the_package_imports():
