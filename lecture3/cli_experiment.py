@@ -49,6 +49,7 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
 def run_experiment(args: argparse.Namespace) -> int:
     from lecture3.experiment import records, report, runner
 
+    runner.pin_from_env()  # a worker of a grid: pinned before anything starts jax
     if args.jobs is not None and args.jobs < 1:
         raise runner.ExperimentError(f"--jobs {args.jobs} is invalid: expected 1 or more")
     if args.check and args.run is None:

@@ -143,3 +143,13 @@ def test_the_population_engine_records_what_solo_runs_record(tmp_path):
         assert a["result"]["engine"] == "population of 3"
         assert a["result"]["final_val_loss"] == pytest.approx(b["result"]["final_val_loss"], abs=1e-5)
         assert a["result"]["train_loss_tail"] == pytest.approx(b["result"]["train_loss_tail"], abs=1e-5)
+
+
+def test_a_worker_is_pinned_by_its_environment_before_jax_starts(monkeypatch):
+    env = runner._worker_env(1)
+    assert env[runner.PIN_ENV] == "1" and "--xla_cpu_multi_thread_eigen=false" in env["XLA_FLAGS"]
+    assert runner.PIN_ENV not in runner._worker_env(None)
+    code = ("import os, sys; os.environ['LECTURE3_PIN_CORE'] = '0'; from lecture3.experiment import runner; "
+            "runner.pin_from_env(); print(sorted(os.sched_getaffinity(0)), 'jax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["[0]", "False"], out.stderr

@@ -155,10 +155,13 @@ def run_one(claim: Claim, spec: RunSpec, folder: Path, scale: str, quick: bool, 
     return rec
 
 
-def _pinned(core: int | None):
-    if core is None or not hasattr(os, "sched_setaffinity"):
-        return None
-    return lambda: os.sched_setaffinity(0, {core})
+PIN_ENV = "LECTURE3_PIN_CORE"  # a worker pins itself to this core before jax starts (no fork of a jax process)
+
+
+def pin_from_env() -> None:
+    core = os.environ.get(PIN_ENV)
+    if core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {int(core)})
 
 
 def _worker_env(core: int | None) -> dict:
@@ -166,6 +169,7 @@ def _worker_env(core: int | None) -> dict:
     threads sharing one core only switches between them)."""
     env = dict(os.environ)
     if core is not None:
+        env[PIN_ENV] = str(core)
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
     return env
 
@@ -276,8 +280,8 @@ def _run_workers(claim, specs, jobs, scale, quick, root, allow_dirty, echo) -> N
             cmd += ["--quick"] if quick else []
             cmd += ["--results-dir", str(root)] if root is not None else []
             cmd += ["--allow-dirty"] if allow_dirty else []
-            proc = subprocess.Popen(cmd, preexec_fn=_pinned(core), stdout=subprocess.PIPE, env=_worker_env(core),
-                                    stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=_worker_env(core), stderr=subprocess.STDOUT,
+                                    text=True)
             running[proc] = (spec, core, time.perf_counter())
         time.sleep(0.2)
         for proc in [p for p in running if p.poll() is not None]:
