@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,7 +75,11 @@ def test_own_batches_callbacks_and_a_user_term_with_aux(tmp_path):
     assert "val_loss" in rec  # the last record of a stopped run is evaluated
 
     plain = lecture3.train(cfg, data=iter(_batches(30)), callbacks=[lambda r: r["step"] >= 20])
-    assert plain.history[-1]["loss"] != rec["cross_entropy"]  # the term changed the training
+    # the term changed the training: the params differ (its gradient is small at init, so after 20 steps the
+    # logged loss can agree to all of float32's digits)
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(run.params),
+                                                        strict=True)]
+    assert any(changed)
 
 
 def test_own_batches_of_the_wrong_shape_fail_before_any_compute(tmp_path):
