@@ -130,7 +130,8 @@ def test_quick_flags_go_to_exactly_the_commands_the_readme_writes():
 
 def test_core_dependencies_are_what_the_package_imports():
     """pyproject's dependencies are the distributions lecture3/ imports (anywhere, lazily included), the
-    `hf` extra holds the two only lecture3.hf imports, and nothing else is core (matplotlib is `plot`)."""
+    `hf` extra holds the two only lecture3.hf imports, and nothing else is core (matplotlib is `plot`, pandas
+    `pandas`, gguf `notebooks`)."""
     import ast
     import importlib.metadata
     import tomllib
@@ -152,5 +153,6 @@ def test_core_dependencies_are_what_the_package_imports():
             for d in dists.get(m, [m])}
     extras = project["optional-dependencies"]
     assert names(extras["hf"]) == {"transformers", "safetensors"}
-    assert used - names(extras["hf"]) - names(extras["pandas"]) == names(project["dependencies"]) - {"jaxlib"}
+    optional = set().union(*(names(extras[e]) for e in ("hf", "pandas", "plot", "notebooks")))
+    assert used - optional == names(project["dependencies"]) - {"jaxlib"}
     assert {"lecture3[hf,plot,pandas]"} <= set(extras["test"]) and "matplotlib" in names(extras["plot"])
