@@ -163,11 +163,12 @@ plt.show()
 # ## What was measured
 #
 # Nothing is measured here: the dashboard reads what the claims' runs recorded. At its last full run (for
-# `notebooks/figures/claims_dashboard.png`), this checkout held 16 of the 320 runs: claim 6 (parallel
-# blocks) reproduced at CPU scale, with a measured step-time speed-up of 1.035x rather than the lecture's
-# ~15%, and claim 9 (weight decay through the schedule) not reproduced; the other 13 claims were
-# "incomplete (0/N runs done)". `lecture3 experiment all` runs the rest, resumably; rerun this notebook to
-# see each new verdict, its criteria with their numbers, and its plots.
+# `notebooks/figures/claims_dashboard.png`), this checkout held 34 of the 320 runs: claim 4 (biases can be
+# dropped) reproduced, claim 6 (parallel blocks) reproduced at CPU scale with a measured step-time
+# speed-up of 1.035x rather than the lecture's ~15%, and claim 9 (weight decay through the schedule) not
+# reproduced; the other 12 claims were "incomplete (0/N runs done)". `lecture3 experiment all` runs the
+# rest, resumably; rerun this notebook to see each new verdict, its criteria with their numbers, and its
+# plots.
 #
 # Wall time at full settings: 5 s on a 2-core CPU (kernel start included); this run's:
 
