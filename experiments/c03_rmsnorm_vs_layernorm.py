@@ -70,8 +70,7 @@ def _leaves(tree):
 
 
 def _timing(results):
-    rows = results.select("norm_timing")
-    return rows[0][1]["result"] if rows else None
+    return results.measured("norm_timing")
 
 
 def crit_a(results):
@@ -125,9 +124,7 @@ def plots(results, folder):
                               arm="arm")]
     t = _timing(results)
     if t is not None:
-        names = list(t["rounds_s"])
-        figs.append(report.bars(names, [[1e3 * x for x in t["rounds_s"][n]] for n in names], folder,
-                                "step_time.png", "ms per train step", "step time, interleaved rounds"))
+        figs.append(report.step_time_bars(t, folder))
     return figs
 
 

@@ -39,8 +39,7 @@ def block_timing(config, rounds: int = 7, steps_per_round: int = 10, quick: bool
 
 
 def _timing(results):
-    rows = results.select("block_timing")
-    return rows[0][1]["result"] if rows else None
+    return results.measured("block_timing")
 
 
 def crit_a(results):
@@ -68,9 +67,7 @@ def plots(results, folder):
     figs = [report.curves(results, folder, "loss_curves.png", title="training loss (mean of 3 seeds)")]
     t = _timing(results)
     if t is not None:
-        names = list(t["rounds_s"])
-        figs.append(report.bars(names, [[1e3 * x for x in t["rounds_s"][n]] for n in names], folder,
-                                "step_time.png", "ms per train step", "step time, interleaved rounds"))
+        figs.append(report.step_time_bars(t, folder))
     return figs
 
 

@@ -176,18 +176,12 @@ def _decode(mcfg, params, cache, last, lens, new_tokens: int) -> float:
 
 
 def _kv(results) -> dict | None:
-    out = {}
-    for arm in ARMS:
-        rows = results.select("kv_cache", arm=arm)
-        if not rows:
-            return None
-        out[arm] = rows[0][1]["result"]
-    return out
+    out = {arm: results.measured("kv_cache", arm=arm) for arm in ARMS}
+    return None if None in out.values() else out
 
 
 def _speed(results) -> dict | None:
-    rows = results.select("decode_speed")
-    return rows[0][1]["result"] if rows else None
+    return results.measured("decode_speed")
 
 
 def crit_a(results):

@@ -143,13 +143,8 @@ def crit_b(results):
 
 
 def _kv(results) -> dict | None:
-    out = {}
-    for arm in ARMS:
-        rows = results.select("kv_cache", arm=arm)
-        if not rows:
-            return None
-        out[arm] = rows[0][1]["result"]
-    return out
+    out = {arm: results.measured("kv_cache", arm=arm) for arm in ARMS}
+    return None if None in out.values() else out
 
 
 def crit_c(results):

@@ -153,3 +153,13 @@ def test_a_worker_is_pinned_by_its_environment_before_jax_starts(monkeypatch):
             "runner.pin_from_env(); print(sorted(os.sched_getaffinity(0)), 'jax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["[0]", "False"], out.stderr
+
+
+@pytest.mark.slow
+def test_worker_processes_record_each_run_with_its_own_command(tmp_path):
+    claim = runner.load("c04")
+    res = runner.run_claim(claim, quick=True, root=tmp_path, jobs=2, engine="processes", echo=lambda *a: None)
+    assert res.complete and len(res.rows) == 2
+    for spec, rec in res.rows:
+        assert shlex.split(rec["command"])[:5] == ["lecture3", *runner.run_args(claim, spec, "cpu", True, tmp_path)[:4]]
+        assert rec["result"]["final_val_loss"] is not None

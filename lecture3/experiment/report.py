@@ -231,3 +231,10 @@ def bars(labels: Sequence[str], values: Sequence[Sequence[float]], folder: Path,
         ax.set_ylim(lo - pad, hi + pad)
     ax.set_title(title, fontsize=9)
     return save(fig, folder, name), title or ylabel
+
+
+def step_time_bars(timing: dict, folder: Path, name: str = "step_time.png") -> tuple[str, str]:
+    """The ms per train step of each arm of a `measures.step_times` result, one bar per arm over its rounds."""
+    names = list(timing["rounds_s"])
+    return bars(names, [[1e3 * x for x in timing["rounds_s"][n]] for n in names], folder, name,
+                "ms per train step", "step time, interleaved rounds")

@@ -92,13 +92,18 @@ def results_dir(claim: Claim, scale: str, quick: bool, root: Path | None = None)
     return base / (claim.name if scale == "cpu" else f"{claim.name}-{scale}")
 
 
-def command(claim: Claim, spec: RunSpec, scale: str, quick: bool, root: Path | None) -> str:
-    parts = ["lecture3", "experiment", claim.name, "--run", spec.key, "--scale", scale]
+def run_args(claim: Claim, spec: RunSpec, scale: str, quick: bool, root: Path | None) -> list[str]:
+    """`experiment NAME --run KEY ...`: the arguments of `lecture3` that run this one spec of the grid."""
+    parts = ["experiment", claim.name, "--run", spec.key, "--scale", scale]
     if quick:
         parts.append("--quick")
     if root is not None:
         parts += ["--results-dir", str(root)]
-    return shlex.join(parts) + " --check"
+    return parts
+
+
+def command(claim: Claim, spec: RunSpec, scale: str, quick: bool, root: Path | None) -> str:
+    return shlex.join(["lecture3", *run_args(claim, spec, scale, quick, root)]) + " --check"
 
 
 def execute(claim: Claim, spec: RunSpec) -> dict:
@@ -276,9 +281,7 @@ def _run_workers(claim, specs, jobs, scale, quick, root, allow_dirty, echo) -> N
     while pending or running:
         while pending and free:
             spec, core = pending.pop(0), free.pop(0)
-            cmd = [sys.executable, "-m", "lecture3", "experiment", claim.name, "--run", spec.key, "--scale", scale]
-            cmd += ["--quick"] if quick else []
-            cmd += ["--results-dir", str(root)] if root is not None else []
+            cmd = [sys.executable, "-m", "lecture3", *run_args(claim, spec, scale, quick, root)]
             cmd += ["--allow-dirty"] if allow_dirty else []
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=_worker_env(core), stderr=subprocess.STDOUT,
                                     text=True)

@@ -99,6 +99,11 @@ class Results:
         return [(s, r) for s, r in self.rows
                 if s.measure == measure and all(_same(s.tags.get(k), v) for k, v in tags.items())]
 
+    def measured(self, measure: str, **tags) -> dict | None:
+        """The result of the (first) run of a measure function matching `tags`, None while it is missing."""
+        rows = self.select(measure, **tags)
+        return rows[0][1]["result"] if rows else None
+
     def expected(self, measure: str = "train", **tags) -> int:
         return sum(1 for s in self.specs
                    if s.measure == measure and all(_same(s.tags.get(k), v) for k, v in tags.items()))
