@@ -47,13 +47,16 @@ def model_config(size: str, impl: str, args):
     """The ModelConfig of `size` with `attention_impl=impl`; a clear SystemExit if lecture3 cannot take it."""
     from lecture3.config import ModelConfig
 
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    if "attention_impl" not in fields:
+    base = SIZES[size][0]
+    changes = dict(base, dtype=args.dtype, qk_norm=args.qk_norm, remat=args.remat, scan_layers=args.scan,
+                   max_seq_len=max(base["max_seq_len"], args.seq_len))
+    if "attention_impl" in {f.name for f in dataclasses.fields(ModelConfig)}:
+        changes["attention_impl"] = impl
+    elif impl != "dense":  # without the field, the dense product is the only attention there is
         raise SystemExit(f"--attention-impl {impl}: this lecture3's ModelConfig has no field `attention_impl` "
-                         "(dense / chunked / cudnn); update lecture3, or check out a version that has it")
-    changes = dict(SIZES[size][0], attention_impl=impl, dtype=args.dtype, qk_norm=args.qk_norm,
-                   remat=args.remat, scan_layers=args.scan, max_seq_len=max(SIZES[size][0]["max_seq_len"],
-                                                                            args.seq_len))
+                         "(dense / chunked / cudnn), so only 'dense' can run; update lecture3 for the others")
+    else:
+        changes.pop("attention_chunk", None)
     try:
         return ModelConfig(**changes)
     except ValueError as e:  # the config's own message names the field, the value and what is allowed

@@ -1,0 +1,111 @@
+"""benchmarks/gpu_mfu.py and benchmarks/compile_time.py run end to end at CPU size and print what they promise.
+
+No timing is asserted (timings belong in the benchmarks' output): the scripts must exit 0, print a row per
+attention impl / per (depth, scan) with tokens/s, an MFU field and the compile ratios, train (the loss of
+lecture3's step goes down), and pick the published peak of a known device and none for a CPU or an
+unknown one.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import types
+
+import jax
+import pytest
+
+from lecture3.config import ModelConfig
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HAS_IMPL = "attention_impl" in {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=ROOT, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_gpu_mfu_tiny_on_cpu(tmp_path):
+    impls = ["dense", "chunked"] if HAS_IMPL else ["dense"]
+    out_json = tmp_path / "mfu.json"
+    # float32 compute: bf16 matmuls are emulated on a CPU and compile slower; the step is the same code
+    out = _run("gpu_mfu.py", "--size", "tiny", "--steps", "3", "--warmup", "1", "--dtype", "float32",
+               "--attention-impl", ",".join(impls), "--json", str(out_json))
+    assert re.search(r"attention .*ms/step .*tokens/s .*MFU .*MFU causal", out), out
+    assert "peak: n/a: a CPU has no published dense peak" in out
+    for impl in impls:  # one table row each: compile s, ms/step, tokens/s, TFLOP/s, then MFU n/a on a CPU
+        assert re.search(rf"^{impl} +[\d.]+ +[\d.]+ +\d+ +[\d.]+ +n/a +n/a ", out, re.M), out
+    record = json.loads(out_json.read_text())
+    assert record["platform"] == "cpu" and record["peak_flops_per_s"] is None
+    assert record["params"] > 1e6 and record["training_flops_per_token"] > record["training_flops_per_token_causal"]
+    results = record["results"]
+    assert [r["attention_impl"] for r in results] == impls
+    for r in results:
+        assert r["tokens_per_s"] > 0 and r["mfu"] is None and len(r["step_s"]) == 3
+        assert r["last_loss"] < r["first_loss"]  # lecture3's step really trains
+    assert all(abs(r["last_loss"] - results[0]["last_loss"]) < 1e-3 for r in results)  # same maths
+
+
+def test_gpu_mfu_rejects_what_the_config_cannot_take(monkeypatch):
+    bench = _load("gpu_mfu")
+    with pytest.raises(SystemExit, match=r"--attention-impl flash: ModelConfig\.attention_impl='flash' is invalid"):
+        bench.main(["--size", "tiny", "--attention-impl", "dense,flash"])
+    # an older lecture3 without the field: dense still runs (it is the only attention), others fail clearly
+    real = dataclasses.fields
+    monkeypatch.setattr(bench, "dataclasses", types.SimpleNamespace(
+        fields=lambda cls: tuple(f for f in real(cls) if f.name != "attention_impl")))
+    args = types.SimpleNamespace(dtype="bfloat16", qk_norm=None, remat=None, scan=False, seq_len=128)
+    with pytest.raises(SystemExit, match="has no field `attention_impl`"):
+        bench.model_config("tiny", "cudnn", args)
+    assert bench.model_config("tiny", "dense", args).dtype == "bfloat16"
+
+
+def test_gpu_mfu_peak_table(monkeypatch):
+    bench = _load("gpu_mfu")
+    peak, note = bench.peak_flops("bfloat16", None)  # the tests run on CPU devices
+    assert peak is None and note.startswith("n/a: a CPU")
+    assert bench.peak_flops("bfloat16", 100.0)[0] == 100e12
+    for kind, tflops in (("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0),
+                         ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L4", 121.0), ("NVIDIA B999", None)):
+        device = types.SimpleNamespace(device_kind=kind, platform="gpu")
+        monkeypatch.setattr(jax, "devices", lambda d=device: [d])
+        peak, note = bench.peak_flops("bfloat16", None)
+        assert peak == (None if tflops is None else tflops * 1e12), kind
+        assert note.startswith("n/a") == (tflops is None), note
+
+
+@pytest.mark.slow
+def test_compile_time_small(tmp_path):
+    out_json = tmp_path / "compile.json"
+    out = _run("compile_time.py", "--layers", "1,2", "--no-warmup", "--json", str(out_json))
+    assert "AOT jitted.lower(abstract state, batch) then .compile()" in out
+    for layers in (1, 2):
+        for scan in ("False", "True"):
+            assert re.search(rf"^ +{layers} +{scan} +[\d.]+ +[\d.]+ +[\d.]+$", out, re.M), out
+    assert re.search(r"^ratio 2/1 layers \(lower \+ compile\): unscanned [\d.]+x, scanned [\d.]+x$", out, re.M), out
+    record = json.loads(out_json.read_text())
+    assert len(record["rows"]) == 4 and all(r["compile_s"] > 0 and r["lower_s"] > 0 for r in record["rows"])
+    assert record["ratio"]["layers"] == [1, 2] and record["ratio"]["scanned"] > 0
+
+
+def test_compile_time_needs_two_depths():
+    bench = _load("compile_time")
+    with pytest.raises(SystemExit):
+        bench.main(["--layers", "4"])
+    with pytest.raises(SystemExit):
+        bench.main(["--layers", "4,x"])
