@@ -3,13 +3,16 @@
     lecture3 generate --workdir runs/tiny --prompt "Once upon a time" --max-new-tokens 64
     lecture3 generate --hf path/to/llama --prompt "The capital of France is" --temperature 0.7 --top-p 0.9
     lecture3 generate --hf path/to/model-without-tokenizer --tokens 1,2,3 --tokens 4,5
+    lecture3 generate --hf path/to/llama --prompt "Hello" --stop-token 2 --logprobs   # EOS 2; scores
 
 --hf reads a directory that `lecture3.hf.load_pretrained` reads; its tokenizer is the directory's
 tokenizer.json (encoded as transformers would, special tokens such as BOS included). Without one, give
 prompts as token ids with --tokens. --prompt and --tokens may be repeated: one batch, one row each.
 A prompt plus --max-new-tokens past the model's max_seq_len is an error before anything runs (--allow-long
 lets a RoPE / ALiBi / relative model extrapolate on purpose); more than a few hundred new tokens show a
-progress bar on stderr.
+progress bar on stderr. --stop-token ID (repeatable) ends a row when it emits that token: the row is
+printed up to and including it. --logprobs prints, after each row, the log-probability of each new token
+under the model (before temperature / top-k / top-p) and their sum.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of mass p")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    parser.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID",
+                        help="a token id that ends a row when generated (e.g. the EOS id); repeat for several")
+    parser.add_argument("--logprobs", action="store_true",
+                        help="after each row, print the log-probability of each new token and their sum")
     parser.add_argument("--allow-long", action="store_true",
                         help="let prompt + new tokens go past the model's max_seq_len: extrapolation the model "
                         "was not trained for (rope, alibi, relative, none; never learned or sinusoidal tables)")
@@ -102,17 +109,22 @@ def run_generate(args: argparse.Namespace) -> int:
     cfg, params, tokenizer = _load(args)  # bad input raises a Lecture3Error: `lecture3` prints one line
     prompts = _prompts(args, tokenizer)
     start = time.perf_counter()
-    out = generate(cfg, params, prompts, args.max_new_tokens, rng=jax.random.key(args.seed),
+    res = generate(cfg, params, prompts, args.max_new_tokens, rng=jax.random.key(args.seed),
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   stop_tokens=tuple(args.stop_token), return_logprobs=True,
                    allow_past_max_seq_len=args.allow_long, progress=True)
     seconds = time.perf_counter() - start
+    generated = res.generated.tolist()
     for row, prompt in enumerate(prompts):
-        ids = out[row, : len(prompt) + args.max_new_tokens].tolist()
+        ids = res.tokens[row, : len(prompt) + generated[row]].tolist()
         if tokenizer is None:
             print(" ".join(map(str, ids)))
         else:
             print(tokenizer.decode(ids))
-    n = len(prompts) * args.max_new_tokens
+        if args.logprobs:
+            lp = res.logprobs[row, : generated[row]].tolist()
+            print(f"logprobs (sum {sum(lp):.4f}): " + " ".join(f"{x:.4f}" for x in lp))
+    n = sum(generated)
     print(f"[{n} tokens in {seconds:.2f} s, compilation included]", file=sys.stderr)
     return 0
 

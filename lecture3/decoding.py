@@ -1,12 +1,18 @@
-"""Generation with a KV cache: prefill the prompts in one pass, then one compiled step per token.
+"""Generation with a KV cache: prefill the prompts in one pass, then one compiled loop over a cached step.
 
     out = generate(cfg, params, [[5, 7, 2], [9]], max_new_tokens=16)   # greedy
     out = generate(cfg, params, prompts, 16, rng=jax.random.key(0), temperature=0.8, top_p=0.95)
+    res = generate(cfg, params, prompts, 64, stop_tokens=(eos_id,), return_logprobs=True)  # a Generation
 
 Layout of the result, int32[B, T + max_new_tokens] with T the longest prompt: row b holds its own prompt
 (length L_b), then its max_new_tokens generated tokens at columns L_b .. L_b + max_new_tokens - 1, then
 `pad_id` up to the end. Prompts of different lengths share one batch: each row has its own stream
-indices (q_idx) and positions, so a short prompt's generation starts right after it.
+indices (q_idx) and positions, so a short prompt's generation starts right after it. A row that emits
+one of `stop_tokens` keeps it and is `pad_id` after it; when every row has stopped the loop ends.
+
+Prefill computes logits for the last prompt token of each row only ([B, V], never [B, T, V]); the new
+tokens are chosen inside one compiled `lax.while_loop` (no host round trip per token) whose cache
+buffers are donated, so a step updates them in place.
 
 The cache (lecture3.layers.kv_cache) holds n_kv_heads heads per layer, so MQA and GQA store
 n_heads / n_kv_heads times less than MHA; a local (sliding-window) layer keeps only its window.
@@ -25,6 +31,7 @@ import sys
 from collections.abc import Sequence
 
 import chex
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -70,103 +77,155 @@ def sample_logits(logits: jax.Array, rng: jax.Array | None, temperature=0.0, top
 
 
 def _prefill(cfg: ModelConfig, params, tokens: jax.Array, lengths: jax.Array, length: int):
-    """Run the padded prompts [B, T] through the model once; return (cache, last logits [B, V])."""
+    """Run the padded prompts [B, T] into a fresh cache; return (cache, logits [B, V] of each last token).
+
+    Only the last real token of each row needs logits, so the prompts go in as two calls of the model:
+    every token but each row's last (their logits are never used, so XLA drops the [B, T, V] head
+    product), then that last token alone, as a decode step: the head runs on [B, 1] rows only.
+    """
     TRACES["prefill"] += 1
     b, t = tokens.shape
-    stream = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    q_idx = jnp.where(stream < lengths[:, None], stream, -1)  # padding: -1, never attended nor stored
+    model = Transformer(cfg)
     cache = init_cache(cfg, b, length)
-    logits, cache = Transformer(cfg).apply({"params": params}, tokens, positions=stream, cache=cache,
-                                           q_idx=q_idx)
-    return cache, logits[jnp.arange(b), lengths - 1]
+    last = (lengths - 1)[:, None]  # [B, 1]
+    if t > 1:
+        stream = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        q_idx = jnp.where(stream < last, stream, -1)  # the last token and padding: -1, never attended nor stored
+        _, cache = model.apply({"params": params}, tokens, positions=stream, cache=cache, q_idx=q_idx)
+    token = jnp.take_along_axis(tokens, last, axis=1)  # [B, 1]
+    logits, cache = model.apply({"params": params}, token, positions=last, cache=cache, q_idx=last)
+    return cache, logits[:, 0]
 
 
-def _decode_loop(cfg: ModelConfig, params, cache, logits, lengths, rng, temperature, top_k, top_p, start,
-                 *, steps: int, greedy: bool, keep_logits: bool, feed_last: bool):
-    """Choose `steps` tokens (the `start`-th new token first), feeding each back through the cache, the
-    last one only with `feed_last`: one fori_loop over one step body. -> (cache, logits, out, seen)."""
+@flax.struct.dataclass
+class Decoded:
+    """What `decode_steps` returns: the cache and next logits to go on from, and the chosen tokens."""
+
+    cache: tuple
+    logits: jax.Array  # float32[B, V]: the logits after the last token fed back (feed_last), else the last used
+    tokens: jax.Array  # int32[B, steps]: pad_id once a row has stopped
+    done: jax.Array  # bool[B]: the row emitted a stop token
+    generated: jax.Array  # int32[B]: tokens chosen before the row stopped, its stop token included
+    logprobs: jax.Array | None  # float32[B, steps]: log_softmax(logits)[token] (0 after a stop), keep_logprobs
+    seen: jax.Array | None  # float32[B, steps, V]: the logits of each choice (0 after a stop), keep_logits
+
+
+def _decode_steps(cfg: ModelConfig, params, cache, logits: jax.Array, lengths: jax.Array, rng: jax.Array,
+                  temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, start: jax.Array | int = 0,
+                  done: jax.Array | None = None, stop: jax.Array | None = None, pad_id: jax.Array | int = 0, *,
+                  steps: int, greedy: bool, keep_logits: bool = False, keep_logprobs: bool = False,
+                  feed_last: bool = False) -> Decoded:
+    """Choose up to `steps` tokens (the `start`-th new token first), feeding each back through the cache,
+    the last one only with `feed_last`: one while_loop over one step body, which ends early once every
+    row has emitted one of `stop` (int32[S]; None or empty: never).
+
+    logits float32[B, V]: those of each row's last token (prefill's). temperature, top_k, top_p: scalars
+    (traced: changing them does not recompile), unused when greedy. start: new tokens that came before (a
+    chunk of a longer generation; traced). done bool[B]: rows that stopped in an earlier chunk.
+    A stopped row still runs through the model (the batch steps together) fed its last chosen token, so
+    pad_id need not be a token of the vocabulary; its later columns are pad_id.
+    """
     b, v = logits.shape
     model = Transformer(cfg)
+    stop = jnp.zeros((0,), jnp.int32) if stop is None else stop
+    state = dict(
+        i=jnp.int32(0), cache=cache, logits=logits,
+        done=jnp.zeros((b,), bool) if done is None else done,
+        generated=jnp.zeros((b,), jnp.int32),
+        tokens=jnp.full((b, steps), pad_id, jnp.int32),
+        logprobs=jnp.zeros((b, steps), jnp.float32) if keep_logprobs else None,
+        seen=jnp.zeros((b, steps, v), jnp.float32) if keep_logits else None)
 
-    def choose(i, logits, out, seen):
+    def choose(s):
+        i, logits = s["i"], s["logits"]
         token = (jnp.argmax(logits, axis=-1).astype(jnp.int32) if greedy else
                  sample_logits(logits, jax.random.fold_in(rng, start + i), temperature, top_k, top_p))
-        out = out.at[:, i].set(token)
+        live = ~s["done"]
+        s = {**s, "tokens": s["tokens"].at[:, i].set(jnp.where(live, token, pad_id)),
+             "generated": s["generated"] + live, "done": s["done"] | jnp.any(token[:, None] == stop, axis=-1)}
+        if keep_logprobs:
+            chosen = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+            s["logprobs"] = s["logprobs"].at[:, i].set(jnp.where(live, chosen, 0.0))
         if keep_logits:
-            seen = seen.at[:, i].set(logits)
-        return token, out, seen
+            s["seen"] = s["seen"].at[:, i].set(jnp.where(live[:, None], logits, 0.0))
+        return token, s
 
-    def step(i, state):
+    def step(s):
         TRACES["decode_step"] += 1
-        cache, logits, out, seen = state
-        token, out, seen = choose(i, logits, out, seen)
-        q_idx = (lengths + start + i)[:, None]  # [B, 1]: each row continues its own prompt
-        logits, cache = model.apply({"params": params}, token[:, None], positions=q_idx, cache=cache,
+        token, s = choose(s)
+        q_idx = (lengths + start + s["i"])[:, None]  # [B, 1]: each row continues its own prompt
+        logits, cache = model.apply({"params": params}, token[:, None], positions=q_idx, cache=s["cache"],
                                     q_idx=q_idx)
-        return cache, logits[:, 0], out, seen
+        return {**s, "i": s["i"] + 1, "cache": cache, "logits": logits[:, 0]}
 
-    out = jnp.zeros((b, steps), jnp.int32)
-    seen = jnp.zeros((b, steps, v), jnp.float32) if keep_logits else None
-    state = (cache, logits, out, seen)
-    state = jax.lax.fori_loop(0, steps if feed_last else steps - 1, step, state)
-    if not feed_last:
-        cache, logits, out, seen = state
-        _, out, seen = choose(steps - 1, logits, out, seen)  # the last token is never fed back
-        state = cache, logits, out, seen
-    return state
+    fed = steps if feed_last else steps - 1
+    state = jax.lax.while_loop(lambda s: (s["i"] < fed) & ~jnp.all(s["done"]), step, state)
+    if not feed_last:  # the last token is never fed back; after an early end every row is done: pad
+        _, state = choose({**state, "i": jnp.int32(steps - 1)})
+    del state["i"]
+    return Decoded(**state)
 
 
-def _decode(cfg: ModelConfig, params, cache, logits: jax.Array, lengths: jax.Array, rng: jax.Array,
-            temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, start: jax.Array | int = 0, *,
-            steps: int, greedy: bool, keep_logits: bool):
-    """Choose `steps` tokens, feeding each but the last back through the cache.
-
-    temperature, top_k, top_p: scalars (traced: changing them does not recompile), unused when greedy.
-    start: how many new tokens came before (a chunk of a longer generation; traced).
-    Returns (cache, tokens int32[B, steps], logits float32[B, steps, V] of each choice, or None).
-    """
-    cache, _, out, seen = _decode_loop(cfg, params, cache, logits, lengths, rng, temperature, top_k, top_p,
-                                       start, steps=steps, greedy=greedy, keep_logits=keep_logits,
-                                       feed_last=False)
-    return cache, out, seen
-
-
-def _decode_chunk(cfg: ModelConfig, params, cache, logits, lengths, rng, temperature, top_k, top_p, start, *,
-                  steps: int, greedy: bool, keep_logits: bool):
-    """`_decode` that also feeds its last token back: (cache, next logits [B, V], tokens, logits or None)."""
-    return _decode_loop(cfg, params, cache, logits, lengths, rng, temperature, top_k, top_p, start,
-                        steps=steps, greedy=greedy, keep_logits=keep_logits, feed_last=True)
-
-
+decode_steps = jax.jit(_decode_steps, static_argnames=("cfg", "steps", "greedy", "keep_logits", "keep_logprobs",
+                                                       "feed_last"), donate_argnames=("cache",))
 prefill = jax.jit(_prefill, static_argnames=("cfg", "length"))
-decode = jax.jit(_decode, static_argnames=("cfg", "steps", "greedy", "keep_logits"),
-                 donate_argnames=("cache",))
-decode_chunk = jax.jit(_decode_chunk, static_argnames=("cfg", "steps", "greedy", "keep_logits"),
-                       donate_argnames=("cache",))
+
+
+def decode(cfg: ModelConfig, params, cache, logits: jax.Array, lengths: jax.Array, rng: jax.Array,
+           temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, start: jax.Array | int = 0, *,
+           steps: int, greedy: bool, keep_logits: bool):
+    """Choose `steps` tokens, feeding each but the last back through the (donated) cache, no stop tokens.
+
+    The arguments are `decode_steps`'s. Returns (cache, tokens int32[B, steps], logits float32[B, steps, V]
+    of each choice, or None).
+    """
+    out = decode_steps(cfg, params, cache, logits, lengths, rng, temperature, top_k, top_p, start, steps=steps,
+                       greedy=greedy, keep_logits=keep_logits)
+    return out.cache, out.tokens, out.seen
+
+
+@flax.struct.dataclass
+class Generation:
+    """What `generate` returns when asked for logits or log-probabilities (else the tokens alone)."""
+
+    tokens: jax.Array  # int32[B, T + max_new_tokens], laid out as the module docstring says
+    generated: jax.Array  # int32[B]: new tokens of each row, its stop token included (pad_id after them)
+    logprobs: jax.Array | None = None  # float32[B, max_new_tokens], with return_logprobs (generate's docstring)
+    logits: jax.Array | None = None  # float32[B, max_new_tokens, V], with return_logits
 
 
 def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, *, rng: jax.Array | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             lengths: Sequence[int] | None = None, pad_id: int = 0, return_logits: bool = False,
-             allow_past_max_seq_len: bool = False, progress: bool = False):
-    """Continue each prompt by `max_new_tokens` tokens -> int32[B, T + max_new_tokens] (module docstring).
+             lengths: Sequence[int] | None = None, pad_id: int = 0, stop_tokens: int | Sequence[int] = (),
+             return_logits: bool = False, return_logprobs: bool = False, allow_past_max_seq_len: bool = False,
+             progress: bool = False):
+    """Continue each prompt by up to `max_new_tokens` tokens -> int32[B, T + max_new_tokens] (module docstring).
 
     prompts: a list of token-id lists (any lengths >= 1), or an int array [B, T] with optional `lengths`
     (right padding past each length is ignored). temperature 0 is greedy (top_k / top_p then unused);
-    otherwise `rng` is required. With return_logits, also returns float32[B, max_new_tokens, V]: the
-    logits each generated token was chosen from. The longest prompt plus max_new_tokens must fit in
-    cfg.max_seq_len unless allow_past_max_seq_len (not for learned / sinusoidal positions). progress:
-    a tqdm bar on stderr when more than PROGRESS_CHUNK tokens are asked for (same tokens either way).
-    A bad request is a GenerationError (a ValueError), raised before anything is computed.
+    otherwise `rng` is required.
+    stop_tokens: token ids (e.g. the EOS id) that end a row: the row keeps the stop token it emitted and is
+    pad_id after it; once every row has stopped, decoding ends (no further model steps).
+    return_logprobs: the log-probability float32[B, max_new_tokens] of each chosen token under the model's
+    own distribution, log_softmax of the logits (after any final soft-cap), *before* temperature, top_k and
+    top_p: the same number whatever the sampling settings (greedy included), the one that scores a text.
+    0 after a row's stop. return_logits: the full logits float32[B, max_new_tokens, V] each token was
+    chosen from (0 after a stop). With either, the result is a `Generation` (tokens, generated, logprobs,
+    logits), as `Transformer` returns an `Output` once asked for more than logits.
+    The longest prompt plus max_new_tokens must fit in cfg.max_seq_len unless allow_past_max_seq_len (not
+    for learned / sinusoidal positions). progress: a tqdm bar on stderr when more than PROGRESS_CHUNK tokens
+    are asked for (same tokens either way). A bad request is a GenerationError (a ValueError), raised
+    before anything is computed.
     """
     tokens, lens = _prepare_prompts(cfg, prompts, lengths)
     _check_request(cfg, tokens.shape[1], max_new_tokens, rng, temperature, top_k, top_p, allow_past_max_seq_len)
+    stop = _check_stop_tokens(cfg, stop_tokens, pad_id)
     b, t = tokens.shape
     out = np.full((b, t + max_new_tokens), pad_id, np.int32)
     for row, n in enumerate(lens):
         out[row, :n] = tokens[row, :n]
-    new = np.zeros((b, 0), np.int32)
-    seen = np.zeros((b, 0, cfg.vocab_size), np.float32)
+    new = dict(tokens=np.zeros((b, 0), np.int32), generated=np.zeros((b,), np.int32),
+               logprobs=np.zeros((b, 0), np.float32), seen=np.zeros((b, 0, cfg.vocab_size), np.float32))
     if max_new_tokens > 0:
         params = _model_params(params)
         cache, last = prefill(cfg, params, jnp.asarray(tokens), jnp.asarray(lens), t + max_new_tokens)
@@ -174,41 +233,71 @@ def generate(cfg: ModelConfig, params, prompts, max_new_tokens: int, *, rng: jax
         sampling = (jnp.float32(max(temperature, 1e-6)),  # traced: new values do not recompile
                     jnp.int32(cfg.vocab_size if top_k is None else top_k),
                     jnp.float32(1.0 if top_p is None else top_p))
-        new, seen = _decode_all(cfg, params, cache, last, jnp.asarray(lens), rng, sampling, max_new_tokens,
-                                greedy=temperature == 0, keep_logits=return_logits, progress=progress)
-        chex.assert_shape(new, (b, max_new_tokens))
-        chex.assert_type(new, np.int32)
+        new = _decode_all(cfg, params, cache, last, jnp.asarray(lens), rng, sampling, jnp.asarray(stop),
+                          jnp.int32(pad_id), max_new_tokens, greedy=temperature == 0, keep_logits=return_logits,
+                          keep_logprobs=return_logprobs, progress=progress)
+        chex.assert_shape(new["tokens"], (b, max_new_tokens))
+        chex.assert_type(new["tokens"], np.int32)
     for row, n in enumerate(lens):
-        out[row, n : n + max_new_tokens] = new[row]
+        out[row, n : n + max_new_tokens] = new["tokens"][row]
     out = jnp.asarray(out)
-    return (out, jnp.asarray(seen)) if return_logits else out
+    if not (return_logits or return_logprobs):
+        return out
+    return Generation(out, jnp.asarray(new["generated"]),
+                      jnp.asarray(new["logprobs"]) if return_logprobs else None,
+                      jnp.asarray(new["seen"]) if return_logits else None)
 
 
-def _decode_all(cfg: ModelConfig, params, cache, last, lens, rng, sampling, n: int, *, greedy: bool,
-                keep_logits: bool, progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """All n new tokens [B, n] (and their logits): one compiled call, or PROGRESS_CHUNK-token chunks under
-    a progress bar (the same tokens: each step's rng is folded from its index in the whole generation)."""
-    flags = dict(greedy=greedy, keep_logits=keep_logits)
+def _decode_all(cfg: ModelConfig, params, cache, last, lens, rng, sampling, stop, pad_id, n: int, *,
+                greedy: bool, keep_logits: bool, keep_logprobs: bool, progress: bool) -> dict[str, np.ndarray]:
+    """All n new tokens [B, n] (their logprobs, logits, counts): one compiled call, or PROGRESS_CHUNK-token
+    chunks under a progress bar (the same tokens: each step's rng is folded from its index in the whole
+    generation), which stop being launched once every row has stopped."""
+    flags = dict(greedy=greedy, keep_logits=keep_logits, keep_logprobs=keep_logprobs)
+    b, names = last.shape[0], ("tokens", "logprobs", "seen")
     if not progress or n <= PROGRESS_CHUNK:
-        _, new, seen = decode(cfg, params, cache, last, lens, rng, *sampling, steps=n, **flags)
-        return np.asarray(new), None if seen is None else np.asarray(seen)
+        out = decode_steps(cfg, params, cache, last, lens, rng, *sampling, 0, None, stop, pad_id, steps=n, **flags)
+        return {name: None if getattr(out, name) is None else np.asarray(getattr(out, name))
+                for name in (*names, "generated")}
     from tqdm import tqdm
 
-    news, seens, done = [], [], 0
+    parts, generated, done, offset = {name: [] for name in names}, np.zeros((b,), np.int32), None, 0
     with tqdm(total=n, desc="generate", unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
-        while n - done > PROGRESS_CHUNK:
-            cache, last, new, seen = decode_chunk(cfg, params, cache, last, lens, rng, *sampling,
-                                                  jnp.int32(done), steps=PROGRESS_CHUNK, **flags)
-            news.append(np.asarray(new))
-            seens.append(seen)
-            done += PROGRESS_CHUNK
-            bar.update(PROGRESS_CHUNK)
-        _, new, seen = decode(cfg, params, cache, last, lens, rng, *sampling, jnp.int32(done), steps=n - done,
-                              **flags)
-        news.append(np.asarray(new))
-        seens.append(seen)
-        bar.update(n - done)
-    return np.concatenate(news, axis=1), (np.concatenate(seens, axis=1) if keep_logits else None)
+        while offset < n:
+            steps = min(PROGRESS_CHUNK, n - offset)
+            out = decode_steps(cfg, params, cache, last, lens, rng, *sampling, jnp.int32(offset), done, stop, pad_id,
+                               steps=steps, feed_last=offset + steps < n, **flags)
+            cache, last, done = out.cache, out.logits, out.done
+            for name in names:
+                parts[name].append(None if getattr(out, name) is None else np.asarray(getattr(out, name)))
+            generated += np.asarray(out.generated)
+            offset += steps
+            bar.update(steps)
+            if offset < n and bool(np.all(done)):  # every row stopped: the rest is padding
+                rest = n - offset
+                parts["tokens"].append(np.full((b, rest), int(pad_id), np.int32))
+                parts["logprobs"].append(np.zeros((b, rest), np.float32) if keep_logprobs else None)
+                parts["seen"].append(np.zeros((b, rest, cfg.vocab_size), np.float32) if keep_logits else None)
+                bar.update(rest)
+                break
+    return {**{name: None if parts[name][0] is None else np.concatenate(parts[name], axis=1) for name in names},
+            "generated": generated}
+
+
+def _check_stop_tokens(cfg: ModelConfig, stop_tokens, pad_id) -> np.ndarray:
+    """The stop ids as int32[S] (S = 0: none); GenerationError if one is not a token id or pad_id not an int."""
+    if isinstance(pad_id, bool) or not isinstance(pad_id, (int, np.integer)) or not -2**31 <= pad_id < 2**31:
+        raise GenerationError(f"pad_id={pad_id!r} is invalid: expected an int32 integer")
+    ids = [stop_tokens] if isinstance(stop_tokens, (int, np.integer)) else stop_tokens
+    if stop_tokens is None or not isinstance(ids, (list, tuple, np.ndarray)):
+        raise GenerationError(f"stop_tokens={stop_tokens!r} is invalid: expected a token id or a sequence of "
+                              "them, e.g. (eos_id,); () for none")
+    for tok in ids:
+        if isinstance(tok, (bool, np.bool_)) or not isinstance(tok, (int, np.integer)):
+            raise GenerationError(f"stop_tokens={stop_tokens!r} holds {tok!r}: expected integer token ids")
+        if not 0 <= tok < cfg.vocab_size:
+            raise GenerationError(f"stop token {int(tok)} is outside the vocabulary [0, {cfg.vocab_size})")
+    return np.unique(np.asarray(ids, np.int64)).astype(np.int32)
 
 
 def _model_params(params):

@@ -1,4 +1,5 @@
-"""KV-cache decoding: cached greedy == recomputing the full forward pass, cache sizes, sampling, errors."""
+"""KV-cache decoding: cached greedy == recomputing the full forward pass, cache sizes, sampling, stop tokens,
+log-probabilities, errors."""
 
 import functools
 
@@ -11,7 +12,7 @@ import pytest
 
 from lecture3 import accounting, decoding
 from lecture3.config import ModelConfig
-from lecture3.decoding import TRACES, GenerationError, decode, generate, prefill, sample_logits
+from lecture3.decoding import TRACES, GenerationError, decode, decode_steps, generate, prefill, sample_logits
 from lecture3.layers.kv_cache import cache_bytes, init_cache
 from lecture3.model import Transformer
 
@@ -90,15 +91,15 @@ COMPILED_STEPS = {}  # case -> times the decode step was traced while generating
 def cached(name: str):
     cfg, params = model(name)
     before = TRACES["decode_step"]
-    result = generate(cfg, params, PROMPTS, NEW, return_logits=True)
+    result = generate(cfg, params, PROMPTS, NEW, return_logits=True, return_logprobs=True)
     COMPILED_STEPS[name] = TRACES["decode_step"] - before
-    return result
+    return result.tokens, result.logits, result.logprobs
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_cached_greedy_equals_full_forward(name):
     cfg, params = model(name)
-    out, logits = cached(name)
+    out, logits, _ = cached(name)
     ref, ref_logits = uncached_greedy(cfg, params, PROMPTS, NEW)
     np.testing.assert_array_equal(np.asarray(out), ref)
     assert out.dtype == jnp.int32 and out.shape == (3, 7 + NEW)
@@ -116,9 +117,9 @@ def test_one_compiled_step_for_all_tokens():
     cfg, params = model(ROPE)
     cached(ROPE)
     assert set(COMPILED_STEPS.values()) == {1}  # once per new shape, not once per token (or 0: reused)
-    before, size = TRACES["decode_step"], decode._cache_size()
-    generate(cfg, params, [[2, 4, 6, 8, 10, 12, 14], [5], [1, 1]], NEW, return_logits=True)
-    assert TRACES["decode_step"] == before and decode._cache_size() == size
+    before, size = TRACES["decode_step"], decode_steps._cache_size()
+    generate(cfg, params, [[2, 4, 6, 8, 10, 12, 14], [5], [1, 1]], NEW, return_logits=True, return_logprobs=True)
+    assert TRACES["decode_step"] == before and decode_steps._cache_size() == size
 
 
 def test_rows_are_independent_of_the_batch_and_array_prompts_match_lists():
@@ -127,7 +128,7 @@ def test_rows_are_independent_of_the_batch_and_array_prompts_match_lists():
     padded = np.full((3, 10), 60, np.int32)  # junk past each length is ignored
     for row, p in enumerate(PROMPTS[::-1]):
         padded[row, : len(p)] = p
-    reversed_rows, _ = generate(cfg, params, padded, NEW, lengths=[1, 3, 7], return_logits=True)
+    reversed_rows = generate(cfg, params, padded, NEW, lengths=[1, 3, 7])
     np.testing.assert_array_equal(np.asarray(reversed_rows)[::-1], batched)
 
 
@@ -208,6 +209,13 @@ def test_sample_logits_respects_top_k_top_p_and_the_distribution():
     (dict(temperature=1.0, rng=None), "needs rng"),
     (dict(max_new_tokens=-1), "max_new_tokens=-1 is invalid"),
     (dict(prompts=[1, 2, 3]), "wrap a single prompt"),
+    (dict(stop_tokens=61), r"stop token 61 is outside the vocabulary \[0, 61\)"),
+    (dict(stop_tokens=(3, -1)), r"stop token -1 is outside the vocabulary"),
+    (dict(stop_tokens=(3, 2.0)), "holds 2.0: expected integer token ids"),
+    (dict(stop_tokens=(True,)), "holds True"),
+    (dict(stop_tokens=None), "stop_tokens=None is invalid"),
+    (dict(stop_tokens="2"), "stop_tokens='2' is invalid"),
+    (dict(pad_id=0.5), "pad_id=0.5 is invalid"),
 ])
 def test_bad_input_is_a_clear_value_error(kwargs, match):
     cfg, params = model(LEARNED)
@@ -247,16 +255,106 @@ def test_progress_chunks_give_the_same_tokens_and_show_a_bar(monkeypatch, capsys
     cfg, params = model(ALIBI)
     monkeypatch.setattr(decoding, "PROGRESS_CHUNK", 4)  # 9 new tokens: chunks of 4, 4, then 1
     key = jax.random.key(3)
-    for kwargs in (dict(), dict(temperature=0.9, top_k=20, rng=key)):
-        plain, plain_logits = generate(cfg, params, PROMPTS, NEW, return_logits=True, **kwargs)
-        chunked, chunked_logits = generate(cfg, params, PROMPTS, NEW, return_logits=True, progress=True, **kwargs)
-        chex.assert_trees_all_equal(chunked, plain)
-        chex.assert_trees_all_close(chunked_logits, plain_logits, atol=1e-5)
-        chex.assert_shape(chunked, (len(PROMPTS), max(map(len, PROMPTS)) + NEW))
-        chex.assert_type(chunked, jnp.int32)
+    greedy = np.asarray(cached(ALIBI)[0])
+    late = int(greedy[0, 7 + 5])  # row 0's sixth new token: it stops in the second chunk
+    first = tuple(int(greedy[row, len(p)]) for row, p in enumerate(PROMPTS))  # all stop in the first chunk
+    for kwargs in (dict(), dict(temperature=0.9, top_k=20, rng=key), dict(stop_tokens=late),
+                   dict(stop_tokens=first, pad_id=-1)):
+        plain = generate(cfg, params, PROMPTS, NEW, return_logits=True, return_logprobs=True, **kwargs)
+        chunked = generate(cfg, params, PROMPTS, NEW, return_logits=True, return_logprobs=True, progress=True,
+                           **kwargs)
+        chex.assert_trees_all_equal((chunked.tokens, chunked.generated), (plain.tokens, plain.generated))
+        chex.assert_trees_all_close((chunked.logits, chunked.logprobs), (plain.logits, plain.logprobs), atol=1e-5)
+        chex.assert_shape(chunked.tokens, (len(PROMPTS), max(map(len, PROMPTS)) + NEW))
+        chex.assert_type(chunked.tokens, jnp.int32)
         assert "generate: 100%" in capsys.readouterr().err
+    assert plain.generated.tolist() == [1, 1, 1] and (np.asarray(plain.tokens)[0, 8:] == -1).all()
     generate(cfg, params, PROMPTS, 3, progress=True)  # a short one: no bar
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("name", [ROPE, ALIBI])
+def test_prefill_computes_the_last_position_logits_only(name):
+    cfg, params = model(name)
+    tokens = np.zeros((3, 7), np.int32)
+    for row, p in enumerate(PROMPTS):
+        tokens[row, : len(p)] = p
+    lens = jnp.asarray([7, 3, 1])
+    _, last = prefill(cfg, params, jnp.asarray(tokens), lens, 7 + NEW)
+    full = np.asarray(full_forward(cfg, params, jnp.asarray(tokens)))  # [B, T, V]
+    np.testing.assert_allclose(np.asarray(last), full[np.arange(3), np.asarray(lens) - 1], atol=1e-4, rtol=0)
+    # No [B, T, V] array anywhere in the compiled prefill (the full forward pass, the control, has one).
+    full_shape = f"f32[3,7,{cfg.vocab_size}]"
+    assert full_shape in full_forward.lower(cfg, params, jnp.asarray(tokens)).compile().as_text()
+    assert full_shape not in prefill.lower(cfg, params, jnp.asarray(tokens), lens, 7 + NEW).compile().as_text()
+
+
+def _first(row: np.ndarray, ids) -> int:
+    """Index of the first of `ids` in a row of new tokens (len(row) when none occurs)."""
+    hits = np.flatnonzero(np.isin(row, list(ids)))
+    return int(hits[0]) if hits.size else len(row)
+
+
+@pytest.mark.parametrize("name", [ROPE, ALIBI])
+def test_stop_tokens_end_rows_early_pad_after_and_equal_the_unstopped_output_until_then(name):
+    cfg, params = model(name)
+    tokens, _, logprobs = (np.asarray(a) for a in cached(name))
+    new = [tokens[row, len(p) : len(p) + NEW] for row, p in enumerate(PROMPTS)]
+    stop = (int(new[0][3]), int(new[1][0]))  # row 0 stops by its 4th new token, row 1 at its first
+    res = generate(cfg, params, PROMPTS, NEW, stop_tokens=stop, pad_id=-1, return_logprobs=True)
+    out, lp = np.asarray(res.tokens), np.asarray(res.logprobs)
+    ends = [_first(n, stop) + 1 for n in new]  # tokens each row keeps, its stop included
+    assert ends[0] <= 4 and ends[1] == 1, "degenerate test: the stops should come early"
+    assert res.generated.tolist() == [min(e, NEW) for e in ends]
+    for row, p in enumerate(PROMPTS):
+        n, end = len(p), min(ends[row], NEW)
+        np.testing.assert_array_equal(out[row, : n + end], tokens[row, : n + end])  # the same until the stop
+        assert (out[row, n + end :] == -1).all()  # pad_id after it (and after each row's generation)
+        np.testing.assert_allclose(lp[row, :end], logprobs[row, :end], atol=1e-5)
+        assert (lp[row, end:] == 0).all()
+    # A row that never meets a stop is untouched: no stop tokens at all is the plain output.
+    np.testing.assert_array_equal(np.asarray(generate(cfg, params, PROMPTS, NEW, stop_tokens=())), tokens)
+
+
+def test_decoding_ends_once_every_row_has_stopped():
+    cfg, params = model(ROPE)
+    tokens = np.asarray(cached(ROPE)[0])
+    lens = [len(p) for p in PROMPTS]
+    stop = jnp.asarray(sorted({int(tokens[row, n + 1]) for row, n in enumerate(lens)}), jnp.int32)
+    padded = np.zeros((3, 7), np.int32)
+    for row, p in enumerate(PROMPTS):
+        padded[row, : len(p)] = p
+
+    def fed(stop):  # the newest stream index in each row's cache of a global layer after decoding
+        cache, last = prefill(cfg, params, jnp.asarray(padded), jnp.asarray(lens), 7 + NEW)
+        out = decode_steps(cfg, params, cache, last, jnp.asarray(lens), jax.random.key(0), jnp.float32(1),
+                           jnp.int32(61), jnp.float32(1), 0, None, stop, 0, steps=NEW, greedy=True)
+        return np.asarray(out.cache[1]["idx"]).max(axis=-1), out  # layer 1 is global
+
+    newest, out = fed(None)
+    np.testing.assert_array_equal(newest, np.asarray(lens) + NEW - 2)  # all but the last token fed back
+    newest, out = fed(stop)  # every row stops by its second new token: two steps, not NEW - 1
+    assert out.done.all() and (np.asarray(out.generated) <= 2).all()
+    np.testing.assert_array_equal(newest, np.asarray(lens) + 1)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(temperature=2.0, top_k=5, top_p=0.9, rng=jax.random.key(1))])
+def test_logprobs_are_log_softmax_of_the_logits_at_the_chosen_tokens(kwargs):
+    cfg, params = model(ROPE)
+    res = generate(cfg, params, PROMPTS, NEW, return_logits=True, return_logprobs=True, **kwargs)
+    out, logits, lp = np.asarray(res.tokens), np.asarray(res.logits), np.asarray(res.logprobs)
+    chex.assert_shape(lp, (3, NEW))
+    assert lp.dtype == np.float32
+    log_probs = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))  # [B, NEW, V], no temperature
+    for row, p in enumerate(PROMPTS):
+        chosen = out[row, len(p) : len(p) + NEW]
+        np.testing.assert_allclose(lp[row], log_probs[row, np.arange(NEW), chosen], atol=1e-5, rtol=0)
+    assert (lp < 0).all() and not np.allclose(lp, lp.max())
+    if not kwargs:  # greedy: the most likely token each time
+        np.testing.assert_allclose(lp, log_probs.max(axis=-1), atol=1e-5)
+    logprobs_only = generate(cfg, params, PROMPTS, NEW, return_logprobs=True, **kwargs)
+    assert logprobs_only.logits is None
+    np.testing.assert_allclose(np.asarray(logprobs_only.logprobs), lp, atol=1e-6)
 
 
 HF_MODELS = {  # tiny random float32 checkpoints; the Mistral window (4) is shorter than the generation
@@ -295,12 +393,19 @@ def test_greedy_generate_matches_transformers(family, tmp_path):
     reference = save_hf_model(family, tmp_path)
     cfg, params = hf.load_pretrained(tmp_path)
     ours = np.asarray(generate(cfg, params, HF_PROMPTS, HF_NEW))
+    eos = int(ours[0, len(HF_PROMPTS[0]) + 3])  # row 0 stops by its fourth new token
+    stopped = np.asarray(generate(cfg, params, HF_PROMPTS, HF_NEW, stop_tokens=(eos,), pad_id=0))
     for row, p in enumerate(HF_PROMPTS):
         with torch.no_grad():
             mask = torch.ones(1, len(p), dtype=torch.long)
             theirs = reference.generate(torch.tensor([p]), attention_mask=mask, do_sample=False,
                                         max_new_tokens=HF_NEW, min_new_tokens=HF_NEW, pad_token_id=0)
+            theirs_eos = reference.generate(torch.tensor([p]), attention_mask=mask, do_sample=False,
+                                            max_new_tokens=HF_NEW, eos_token_id=eos, pad_token_id=0)[0].numpy()
         np.testing.assert_array_equal(ours[row, : len(p) + HF_NEW], theirs[0].numpy())
+        np.testing.assert_array_equal(stopped[row, : len(theirs_eos)], theirs_eos)  # transformers stops there too
+        assert (stopped[row, len(theirs_eos) :] == 0).all()
+    assert len(stopped[0]) - (stopped[0] == 0).sum() <= len(HF_PROMPTS[0]) + 4
 
 
 def test_generate_cli_from_hf_dir(tmp_path, capsys):
@@ -334,3 +439,17 @@ def test_generate_cli_from_hf_dir(tmp_path, capsys):
     assert code == 0 and len(lines) == 2
     assert lines[0].split() == [f"w{i}" for i in expected[0]]
     assert lines[1].split() == [f"w{i}" for i in expected[1, : 2 + HF_NEW]]
+
+    n = len(HF_PROMPTS[0])
+    stop = int(expected[0, n + 2])
+    end = _first(expected[0, n : n + HF_NEW], [stop]) + 1  # tokens row 0 keeps, its stop included
+    code, lines, _ = run("--tokens", ",".join(map(str, HF_PROMPTS[0])), "--max-new-tokens", str(HF_NEW),
+                         "--stop-token", str(stop), "--logprobs")
+    res = generate(*hf.load_pretrained(tmp_path), HF_PROMPTS[:1], HF_NEW, stop_tokens=stop, return_logprobs=True)
+    assert code == 0 and len(lines) == 2 and end <= 3
+    assert lines[0].split() == [f"w{i}" for i in expected[0, : n + end]]  # printed up to its stop token
+    head, values = lines[1].split(": ")
+    np.testing.assert_allclose([float(x) for x in values.split()], np.asarray(res.logprobs[0, :end]), atol=1e-4)
+    assert head == f"logprobs (sum {float(np.asarray(res.logprobs[0, :end]).sum()):.4f})"
+    code, _, err = run("--tokens", "1,2", "--stop-token", "61", "--max-new-tokens", "8")
+    assert code == 2 and "stop token 61 is outside the vocabulary [0, 61)" in err and len(err.splitlines()) == 1
