@@ -11,13 +11,24 @@ the bytes of K and V actually held, next to `accounting.kv_cache_bytes`.
 The cache is filled synthetically up to the context (the cost of a step depends on how many keys it
 reads, not on their values), then `--steps` tokens are decoded and timed (compilation excluded).
 Ratios are from one run on whatever machine this is; they are never asserted in tests.
+
+    python benchmarks/decode_kv_cache.py --vs-hf    # lecture3.generate vs transformers' generate only
+
+--vs-hf (also part of the full run) sets lecture3's `generate` against transformers' `generate` on the
+same weights: a random small Llama (d 256, 4 layers, GQA 8:2, vocab 8192) built in transformers, saved,
+and read by `lecture3.hf.load_pretrained`; greedy, batch 4, 64-token prompts, 128 new tokens, both
+end to end (prefill + decode, compilation excluded), float32 on the CPU, rounds interleaved in this one
+process so a load that comes and goes hits both; it prints each side's tokens/s and the ratio, and
+whether the two produced the same tokens.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -26,7 +37,7 @@ import numpy as np
 
 from lecture3 import accounting
 from lecture3.config import ModelConfig
-from lecture3.decoding import decode
+from lecture3.decoding import decode, generate
 from lecture3.layers.kv_cache import cache_bytes, init_cache
 from lecture3.model import Transformer
 
@@ -122,12 +133,78 @@ def plot(results: dict, contexts: list[int], path: pathlib.Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+HF_LLAMA = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=8192, max_position_embeddings=1024)
+HF_QUICK = dict(HF_LLAMA, hidden_size=64, num_hidden_layers=2, vocab_size=512, intermediate_size=128)
+
+
+def vs_transformers(batch: int, prompt: int, new: int, rounds: int, quick: bool) -> dict:
+    """lecture3 `generate` vs transformers' `generate`, greedy, on one random Llama's weights, interleaved."""
+    import torch
+    import transformers
+
+    from lecture3 import hf
+
+    torch.manual_seed(0)
+    sizes = HF_QUICK if quick else HF_LLAMA
+    config = transformers.LlamaConfig(**sizes, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    reference = transformers.LlamaForCausalLM(config).float().eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        reference.save_pretrained(tmp)
+        cfg, params = hf.load_pretrained(tmp)
+    prompts = np.random.default_rng(0).integers(0, sizes["vocab_size"], (batch, prompt)).astype(np.int32)
+    ids = torch.from_numpy(prompts.astype(np.int64))
+    mask = torch.ones_like(ids)
+
+    def theirs():
+        with torch.inference_mode():
+            return reference.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
+                                      min_new_tokens=new, pad_token_id=0)[:, prompt:].numpy()
+
+    def ours():
+        return np.asarray(generate(cfg, params, prompts, new))[:, prompt:]
+
+    def timed(fn):
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
+
+    _, ours_tokens = timed(ours)  # compile
+    _, theirs_tokens = timed(theirs)  # warm up
+    seconds = {"lecture3": [], "transformers": []}
+    for r in range(rounds):
+        for name, fn in ((("lecture3", ours), ("transformers", theirs)) if r % 2 == 0 else
+                         (("transformers", theirs), ("lecture3", ours))):
+            seconds[name].append(timed(fn)[0])
+    tok_s = {name: batch * new / statistics.median(ts) for name, ts in seconds.items()}
+    return dict(tok_s=tok_s, seconds=seconds, ratio=tok_s["lecture3"] / tok_s["transformers"],
+                same_rows=int((ours_tokens == theirs_tokens).all(axis=1).sum()), batch=batch, new=new,
+                prompt=prompt, threads=torch.get_num_threads(), transformers=transformers.__version__,
+                torch=torch.__version__)
+
+
+def print_vs_transformers(res: dict) -> None:
+    print(f"\ngreedy generate, batch {res['batch']}, prompt {res['prompt']}, {res['new']} new tokens, same "
+          f"weights (transformers {res['transformers']}, torch {res['torch']}, {res['threads']} threads); "
+          f"median of {len(res['seconds']['lecture3'])} interleaved rounds")
+    header = f"{'generate':<14} {'median s':>9} {'tok/s':>9} {'all rounds (s)':<40}"
+    print(header)
+    print("-" * len(header))
+    for name, ts in res["seconds"].items():
+        print(f"{name:<14} {statistics.median(ts):>9.3f} {res['tok_s'][name]:>9.0f} "
+              + " ".join(f"{t:.3f}" for t in ts))
+    print(f"lecture3 / transformers tokens/s: {res['ratio']:.2f}x; identical rows: {res['same_rows']}/{res['batch']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, three contexts, few steps")
     parser.add_argument("--batch", type=int, default=None,
                         help="sequences decoded together (default 4, quick 2)")
     parser.add_argument("--steps", type=int, default=None, help="tokens decoded per measurement (default 32)")
+    parser.add_argument("--vs-hf", action="store_true",
+                        help="only lecture3 generate vs transformers' generate (greedy, same weights)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds of --vs-hf (default 5)")
     parser.add_argument("--out", type=pathlib.Path, help="where the plot goes",
                         default=pathlib.Path("benchmarks/out/decode_kv_cache.png"))
     args = parser.parse_args(argv)
@@ -135,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (8 if args.quick else 32)
     contexts = [128, 512, 1024] if args.quick else [128, 256, 512, 1024, 2048, 4096]
     repeats = 1 if args.quick else 3
+    if args.vs_hf:
+        print_vs_transformers(vs_transformers(batch if args.batch else 4, 16 if args.quick else 64,
+                                              16 if args.quick else 128, args.rounds or (2 if args.quick else 5),
+                                              args.quick))
+        return 0
 
     print(f"{jax.devices()[0].platform}, batch {batch}, {steps} decode steps per measurement",
           file=sys.stderr)
@@ -157,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{tok_s / mha[context]:>6.2f}x", flush=True)
     plot(results, contexts, args.out)
     print(f"plot: {args.out}", file=sys.stderr)
+    print_vs_transformers(vs_transformers(batch if args.batch else 4, 16 if args.quick else 64,
+                                          16 if args.quick else 128, args.rounds or (2 if args.quick else 5),
+                                          args.quick))
     return 0
 
 
