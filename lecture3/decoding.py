@@ -261,7 +261,8 @@ def _decode_all(cfg: ModelConfig, params, cache, last, lens, rng, sampling, stop
                 for name in (*names, "generated")}
     from tqdm import tqdm
 
-    parts, generated, done, offset = {name: [] for name in names}, np.zeros((b,), np.int32), None, 0
+    parts, generated, offset = {name: [] for name in names}, np.zeros((b,), np.int32), 0
+    done = jnp.zeros((b,), bool)  # an array from the first chunk on: every chunk shares one compile
     with tqdm(total=n, desc="generate", unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
         while offset < n:
             steps = min(PROGRESS_CHUNK, n - offset)
