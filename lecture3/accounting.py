@@ -117,6 +117,27 @@ def attended_keys(seq_len: int, window: int | None = None, causal: bool = False)
     return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
 
 
+def computed_keys(cfg: ModelConfig, seq_len: int, layer: int) -> float:
+    """Keys per query that lecture3's attention really multiplies in a training forward of `seq_len`
+    tokens (masked keys included), by `cfg.attention_impl` and the layer's window:
+
+      local layer, T > 2 x window (dense, chunked)  blocks of `window` queries x 2 window keys: ~2 window
+      chunked                                       the chunk pairs the mask does not hide entirely: for a
+                                                    causal global layer nq (nq + 1) / 2 of nq^2 chunks
+      otherwise (dense, cudnn)                      all T keys (cudnn's kernel skips what it can: not counted)
+    """
+    t, w = seq_len, cfg.window(layer)
+    if cfg.attention_impl != "cudnn" and w is not None and t > 2 * w:
+        return 2.0 * w * math.ceil(t / w) * w / t
+    if cfg.attention_impl == "chunked":
+        c = min(cfg.attention_chunk, t)
+        n = math.ceil(t / c)
+        reach = n if w is None else min(n, math.ceil((w - 1) / c) + 1)  # key chunks back a query chunk sees
+        pairs = sum(min(i + 1, reach) for i in range(n))
+        return pairs * c * c / t
+    return float(t)
+
+
 def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> dict[str, float]:
     """Model FLOPs per token of a sequence of `seq_len` tokens (one multiply-add = 2 FLOPs).
 
@@ -131,6 +152,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> dic
                         kernel computes; causal=True charges only the visible keys (about half).
     training_*        = 3 * forward_*: the backward pass costs twice the forward (grads of activations
                         and of weights). Rematerialisation is not counted (these are model FLOPs, for MFU).
+    computed_attention = the forward attention FLOPs the implementation really multiplies:
+                        4 * N * H * `computed_keys` per layer (masked keys in its blocks included)
     """
     n, h = cfg.n_heads, cfg.resolved_head_dim
     matmul = cfg.n_layers * (_attention_matmul(cfg) + _mlp_matmul(cfg)) + cfg.d_model * cfg.vocab_size
@@ -143,7 +166,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = False) -> dic
         "forward": 2.0 * matmul + attention,
     }
     out.update(training_matmul=3 * out["forward_matmul"], training_attention=3 * attention,
-               training=3 * out["forward"])
+               training=3 * out["forward"],
+               computed_attention=sum(4 * n * h * computed_keys(cfg, seq_len, layer) for layer in range(cfg.n_layers)))
     return out
 
 

@@ -27,6 +27,7 @@ LayerKind = Literal["global", "local"]
 RopeLayout = Literal["half", "interleaved"]
 DType = Literal["float32", "bfloat16", "float16"]
 Remat = Literal["full", "dots", "dots_no_batch"]
+AttentionImpl = Literal["dense", "chunked", "cudnn"]
 
 GATED_ACTIVATIONS = ("reglu", "geglu", "geglu_tanh", "swiglu")
 
@@ -116,6 +117,11 @@ class ModelConfig:
     sliding_window: int | None = None  # a local layer sees the last `sliding_window` keys (Mistral, Gemma 2)
     layer_pattern: tuple[LayerKind, ...] = ("global",)  # repeated over layers; Gemma 2 ("local", "global")
     document_mask: bool = False  # with segment ids, attention stays inside each packed document
+    # how attention is computed, same maths: dense (T x S logits; a local layer's keys in blocks of its
+    # window), chunked (query and key chunks with an online softmax: memory bounded, long global layers),
+    # cudnn (jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU, its XLA path elsewhere)
+    attention_impl: AttentionImpl = "dense"
+    attention_chunk: int = 512  # chunked: queries and keys per chunk
 
     # --- embeddings and head ---
     tie_embeddings: bool = True  # head shares the embedding matrix (GPT-2, Gemma)
@@ -140,7 +146,7 @@ class ModelConfig:
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
         for name in ("norm", "norm_position", "activation", "block", "parallel_norm", "position",
-                     "rope_layout", "qk_norm", "param_dtype", "dtype", "remat"):
+                     "rope_layout", "qk_norm", "param_dtype", "dtype", "remat", "attention_impl"):
             value = getattr(self, name)
             allowed = _literal_values(name)
             if value is None and name in ("qk_norm", "remat"):
@@ -148,7 +154,7 @@ class ModelConfig:
             _check(value in allowed, name, value, "one of " + ", ".join(map(repr, allowed))
                    + (" or None" if name in ("qk_norm", "remat") else ""))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff_multiple_of",
-                     "relative_buckets", "relative_max_distance"):
+                     "relative_buckets", "relative_max_distance", "attention_chunk"):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
                    "a positive integer")
@@ -208,6 +214,16 @@ class ModelConfig:
                "layer_pattern", self.layer_pattern, "a non-empty tuple of 'global' / 'local'")
         _check(self.n_layers % len(self.layer_pattern) == 0, "layer_pattern", self.layer_pattern,
                f"a pattern whose length divides n_layers={self.n_layers}")
+        for option, value, why in (("attn_logit_softcap", self.attn_logit_softcap, "a soft-cap"),
+                                   ("attn_dropout", self.attn_dropout, "dropout on the probabilities"),
+                                   ("position", self.position if self.position == "relative" else None,
+                                    "T5's learned bias (its gradient)")):
+            _check(not (self.attention_impl == "cudnn" and value is not None), "attention_impl", "cudnn",
+                   f"'dense' or 'chunked' with {option}={value!r}: jax.nn.dot_product_attention cannot "
+                   f"express {why}")
+        _check(not (self.attention_impl == "chunked" and self.attn_dropout is not None), "attention_impl",
+               "chunked", f"'dense' with attn_dropout={self.attn_dropout!r}: the chunked softmax never "
+               "holds the probabilities that dropout would drop")
         has_local = "local" in self.layer_pattern
         _check(not has_local or self.sliding_window is not None, "sliding_window", self.sliding_window,
                "a window size when layer_pattern has 'local' layers")

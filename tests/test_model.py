@@ -114,6 +114,8 @@ OPTIONS = [
     Option("layer_pattern", (("local", "global"), ("global", "local")), "logits",
            (("sliding_window", 3), ("layer_pattern", ("local",)))),
     Option("document_mask", (True,), "logits"),
+    Option("attention_impl", ("chunked", "cudnn"), "same"),
+    Option("attention_chunk", (4,), "same", (("attention_impl", "chunked"),)),
     Option("tie_embeddings", (False,), "params"),
     Option("scale_embeddings", (True,), "logits"),
     Option("final_logit_softcap", (1.0,), "logits"),
@@ -223,8 +225,67 @@ def test_remat_same_maths_different_program():
     assert len(set(programs.values())) == 3  # each policy is its own program
 
 
+IMPL_CASES = {  # every mask (causal, window, documents) and everything inside the softmax
+    "causal": {},
+    "gqa": {"n_kv_heads": 2},
+    "window": {"sliding_window": 3, "layer_pattern": ("local", "global")},
+    "alibi": {"position": "alibi"},
+    "relative": {"position": "relative", "relative_buckets": 8, "relative_max_distance": 16},
+    "softcap": {"attn_logit_softcap": 1.0},
+    "qk_norm": {"qk_norm": "per_head"},
+}
+
+
+@pytest.fixture
+def full_xla_optimisation():
+    """XLA:CPU (jax 0.10.2) with jax_disable_most_optimizations put a stray NaN into the chunked backward
+    with a position bias; the programs users run are optimised, so these tests check those."""
+    old = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
+
+
+@pytest.mark.usefixtures("full_xla_optimisation")
+@pytest.mark.parametrize("case", IMPL_CASES)
+def test_attention_impl_same_maths_different_program(case):
+    """chunked (4-token chunks: T = 12 is 3 x 3 chunks, the causal and window skips both happen) and cudnn
+    (here its XLA path) give the dense logits and gradients on packed documents; each is its own program."""
+    dense = BASE.replace(document_mask=True, **IMPL_CASES[case])
+    params = init(dense)
+    ref = forward(dense, params, segment_ids=SEGMENTS), grads_by_layer(dense, params)
+    programs = {str(jax.make_jaxpr(jax.grad(lambda p: loss(dense, p, segment_ids=SEGMENTS)))(params))}
+    for impl in ("chunked", "cudnn"):
+        try:
+            cfg = dense.replace(attention_impl=impl, attention_chunk=4)
+        except ValueError as e:  # cudnn cannot express a soft-cap or T5's learned bias: the config says so
+            assert impl == "cudnn" and case in ("softcap", "relative") and "cannot express" in str(e)
+            continue
+        out = forward(cfg, params, segment_ids=SEGMENTS), grads_by_layer(cfg, params)
+        chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5)
+        programs.add(str(jax.make_jaxpr(jax.grad(lambda p, c=cfg: loss(c, p, segment_ids=SEGMENTS)))(params)))
+    assert len(programs) == (2 if case in ("softcap", "relative") else 3)
+    chunks = {str(jax.make_jaxpr(lambda p, c=dense.replace(attention_impl="chunked", attention_chunk=k):
+                                 forward(c, p, segment_ids=SEGMENTS))(params)) for k in (4, 6, 512)}
+    assert len(chunks) == 3  # the chunk size is the program's, not the maths'
+
+
+def test_attention_impl_max_logit_and_captures():
+    """Each way reports the same per-head max logit; probabilities (capture) come from the dense product."""
+    params = init(BASE)
+    outs = {}
+    for impl in ("dense", "chunked", "cudnn"):
+        cfg = BASE.replace(attention_impl=impl, attention_chunk=4)
+        out = Transformer(cfg).apply({"params": params}, TOKENS, capture=("attn_logit_max", "attn_probs"))
+        outs[impl] = out.captured
+    chex.assert_trees_all_close(outs["chunked"], outs["dense"], rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(outs["cudnn"], outs["dense"], rtol=1e-5, atol=1e-5)
+
+
 SAME_MATHS_TESTS = {"scan_layers": test_scan_layers_same_maths_different_program,
-                    "remat": test_remat_same_maths_different_program}
+                    "remat": test_remat_same_maths_different_program,
+                    "attention_impl": test_attention_impl_same_maths_different_program,
+                    "attention_chunk": test_attention_impl_same_maths_different_program}
 
 
 # --------------------------------------------------------------------------------------------- properties

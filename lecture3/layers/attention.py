@@ -13,76 +13,10 @@ import jax.numpy as jnp
 
 from lecture3.config import ModelConfig
 from lecture3.layers import positions as pos
-from lecture3.layers.common import DTYPES, constrain, dense, dropout, normal, param, softcap
+from lecture3.layers import attention_ops as ops
+from lecture3.layers.attention_ops import NEG_INF, attention_core, attention_mask, dot_product_attention, entropy  # noqa: F401
+from lecture3.layers.common import DTYPES, constrain, dense, dropout, normal, param
 from lecture3.layers.norms import NORMS
-
-NEG_INF = -1e30  # large but finite: no NaN from a fully masked row (its probabilities are then zeroed)
-
-
-def attention_mask(q_idx: jax.Array, k_idx: jax.Array, window: int | None = None,
-                   q_seg: jax.Array | None = None, k_seg: jax.Array | None = None) -> jax.Array:
-    """bool[B, T, S]: causal (k <= q), within the window (q - k < window) and the same segment.
-
-    q_idx: int[B, T], k_idx: int[B, S]. Negative k_idx marks an empty cache slot.
-    """
-    q, k = q_idx[:, :, None], k_idx[:, None, :]
-    mask = (k <= q) & (k >= 0)
-    if window is not None:
-        mask &= q - k < window
-    if q_seg is not None and k_seg is not None:
-        mask &= q_seg[:, :, None] == k_seg[:, None, :]
-    return mask
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                          bias: jax.Array | None = None, scale: float = 1.0, cap: float | None = None,
-                          dropout_fn=None) -> tuple[jax.Array, jax.Array]:
-    """q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, T, S]; bias: [B, N, T, S] -> (out [B, T, N, H],
-    the largest scale * q.k over allowed keys, before the cap and the bias). See `attention_core`."""
-    out, _, head_max = attention_core(q, k, v, mask, bias, scale, cap, dropout_fn)
-    return out, jnp.max(head_max)
-
-
-def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                   bias: jax.Array | None = None, scale: float = 1.0, cap: float | None = None,
-                   dropout_fn=None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """q: [B, T, N, H]; k, v: [B, S, K, H]; mask: bool[B, T, S]; bias: [B, N, T, S].
-
-    The softmax sees cap * tanh(scale * q.k / cap) + bias: the soft-cap bounds the content logit and a
-    position bias (ALiBi, T5) is added after it, as FlashAttention-2 orders softcap and ALiBi, so ALiBi's
-    distance penalty never saturates at the cap (a positive T5 bias can take the sum past the cap).
-    Returns the output [B, T, N, H], the probabilities float32[B, K, G, T, S] (before dropout) and each
-    head's largest scale * q.k over allowed keys, float32[N], before the cap and the bias (a stability
-    signal that a cap would pin at its value). Logits and softmax are float32.
-    A masked key contributes exactly nothing: its probability is 0 and a NaN/inf in its value slot
-    cannot reach the rows that do not see it (0 * NaN is NaN), while a row that sees one still gets NaN.
-    """
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    # heads-major layouts, so both matmuls are plain batched [T, H] x [H, S] products over (B, K, G)
-    qg = q.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
-    logits = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    allowed = mask[:, None, None]  # [B, 1, 1, T, S]
-    head_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=(0, 3, 4)).reshape(n)  # [N]
-    logits = softcap(logits, cap)
-    if bias is not None:
-        logits = logits + bias.reshape(bias.shape[0], kv, n // kv, t, -1)
-    logits = jnp.where(allowed, logits, NEG_INF)
-    probs = jnp.where(allowed, jax.nn.softmax(logits, axis=-1), 0.0)
-    weights = probs if dropout_fn is None else dropout_fn(probs)
-    finite = jnp.isfinite(v)
-    out = jnp.einsum("bkgts,bksh->bkgth", weights.astype(v.dtype), jnp.where(finite, v, 0))  # [B, K, G, T, H]
-    bad_slot = ~jnp.all(finite, axis=-1)[:, :, None, None, :]  # [B, K, 1, 1, S]
-    sees_bad = jnp.any(allowed & bad_slot, axis=-1, keepdims=True)  # [B, K, 1, T, 1]
-    out = jnp.where(sees_bad, jnp.asarray(jnp.nan, out.dtype), out)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h), probs, head_max
-
-
-def entropy(probs: jax.Array) -> jax.Array:
-    """Entropy in nats over the last axis, with 0 log 0 = 0."""
-    return -jnp.sum(jnp.where(probs > 0, probs * jnp.log(jnp.where(probs > 0, probs, 1.0)), 0.0), axis=-1)
-
 
 def _vector_norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
@@ -135,17 +69,33 @@ class Attention(nn.Module):
             from lecture3.layers.kv_cache import update_cache  # decoding only
 
             cache, k, v, k_idx, k_pos, k_seg = update_cache(cache, k, v, q_idx, positions, segment_ids)
-        mask = attention_mask(q_idx, k_idx, self.window, segment_ids if cfg.document_mask else None,
-                              k_seg if cfg.document_mask else None)
-        bias = None
+        q_seg, k_seg = (segment_ids, k_seg) if cfg.document_mask else (None, None)
+        bias_fn = None
         if cfg.position == "alibi":
-            bias = pos.alibi_bias(positions, k_pos, n)
+            bias_fn = lambda qp, kp: pos.alibi_bias(qp, kp, n)  # noqa: E731
         elif cfg.position == "relative":
-            bias = pos.t5_bias(positions, k_pos, rel_table, cfg.relative_max_distance)
+            bias_fn = lambda qp, kp: pos.t5_bias(qp, kp, rel_table, cfg.relative_max_distance)  # noqa: E731
         scale = cfg.query_scale if cfg.query_scale is not None else h ** -0.5
+        cap = cfg.attn_logit_softcap
         drop = None if cfg.attn_dropout is None or deterministic else (
             lambda p: dropout(self, p, cfg.attn_dropout, deterministic))
-        out, probs, head_max = attention_core(q, k, v, mask, bias, scale, cfg.attn_logit_softcap, drop)
+        # the probabilities themselves (capture) exist only in the dense product, whatever attention_impl
+        needs_probs = bool({"attn_probs", "attn_entropy"} & set(self.capture))
+        impl = "dense" if needs_probs else cfg.attention_impl
+        probs = None
+        if impl != "cudnn" and not needs_probs and cache is None and self.window is not None and q.shape[1] > 2 * self.window:
+            out, head_max = ops.local_attention(q, k, v, q_idx, self.window, q_seg, positions, bias_fn,
+                                                scale, cap, drop)
+        elif impl == "chunked":
+            out, head_max = ops.chunked_attention(q, k, v, q_idx, k_idx, self.window, q_seg, k_seg, positions,
+                                                  k_pos, bias_fn, scale, cap, cfg.attention_chunk)
+        else:
+            mask = attention_mask(q_idx, k_idx, self.window, q_seg, k_seg)
+            bias = None if bias_fn is None else bias_fn(positions, k_pos)
+            if impl == "cudnn":
+                out, head_max = ops.fused_attention(q, k, v, mask, bias, scale)
+            else:
+                out, probs, head_max = attention_core(q, k, v, mask, bias, scale, cap, drop)
         if "attn_logit_max" in self.capture:
             captured["attn_logit_max"] = head_max
         if "attn_probs" in self.capture:

@@ -1,0 +1,147 @@
+"""The ways to compute attention (`lecture3.layers.attention_ops`) against the dense reference, on random
+inputs with every mask and everything inside the softmax; what each costs; what the config refuses.
+
+Model-level equality (logits and gradients through the whole Transformer) is
+tests/test_model.py::test_attention_impl_same_maths_different_program.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lecture3 import accounting
+from lecture3.config import ModelConfig
+from lecture3.layers import attention_ops as ops
+from lecture3.layers import positions as pos
+
+B, T, N, K, H = 2, 37, 4, 2, 8  # GQA 4:2, T a multiple of neither the chunk nor the window
+SCALE = 0.3
+IDX = jnp.broadcast_to(jnp.arange(T), (B, T))
+SEG = jnp.asarray(np.sort(np.random.RandomState(0).randint(0, 3, (B, T)), axis=1))
+
+
+def qkv(t=T):
+    keys = jax.random.split(jax.random.key(0), 3)
+    return (jax.random.normal(keys[0], (B, t, N, H)), jax.random.normal(keys[1], (B, t, K, H)),
+            jax.random.normal(keys[2], (B, t, K, H)))
+
+
+def alibi(qp, kp):
+    return pos.alibi_bias(qp, kp, N)
+
+
+def dense(q, k, v, window, seg, bias_fn, cap):
+    mask = ops.attention_mask(IDX, IDX, window, seg, seg)
+    out, _, head_max = ops.attention_core(q, k, v, mask, None if bias_fn is None else bias_fn(IDX, IDX),
+                                          SCALE, cap)
+    return out, head_max
+
+
+def chunked(q, k, v, window, seg, bias_fn, cap):
+    return ops.chunked_attention(q, k, v, IDX, IDX, window, seg, seg, IDX, IDX, bias_fn, SCALE, cap, chunk=8)
+
+
+def local(q, k, v, window, seg, bias_fn, cap):
+    return ops.local_attention(q, k, v, IDX, window, seg, IDX, bias_fn, SCALE, cap)
+
+
+def grads(fn, q, k, v, *args):
+    return jax.grad(lambda *x: jnp.sum(jnp.sin(fn(*x, *args)[0])), argnums=(0, 1, 2))(q, k, v)
+
+
+@pytest.mark.parametrize("window, documents, bias, cap", [
+    (None, False, None, None), (None, True, "alibi", 2.0), (5, False, "alibi", None), (5, True, None, 2.0),
+    (16, True, "alibi", None), (16, False, None, 2.0)])  # windows < chunk, > chunk; every option twice
+def test_chunked_and_local_equal_dense_with_their_gradients(window, documents, bias, cap):
+    q, k, v = qkv()
+    args = (window, SEG if documents else None, alibi if bias else None, cap)
+    ref, ref_max = dense(q, k, v, *args)
+    ref_grads = grads(dense, q, k, v, *args)
+    for fn in [chunked] + ([local] if window else []):
+        out, head_max = fn(q, k, v, *args)
+        np.testing.assert_allclose(out, ref, atol=2e-6, err_msg=fn.__name__)
+        np.testing.assert_allclose(head_max, ref_max, atol=2e-6, err_msg=fn.__name__)  # before the cap
+        for g, r in zip(grads(fn, q, k, v, *args), ref_grads, strict=True):
+            np.testing.assert_allclose(g, r, atol=1e-5, err_msg=fn.__name__)
+
+
+def test_fused_equals_dense_and_zeroes_a_fully_masked_row():
+    q, k, v = qkv()
+    mask = ops.attention_mask(IDX, IDX, 7, SEG, SEG).at[0, 3].set(False)  # row 3 of batch 0 sees nothing
+    bias = alibi(IDX, IDX)
+    ref, _, ref_max = ops.attention_core(q, k, v, mask, bias, SCALE)
+    out, head_max = ops.fused_attention(q, k, v, mask, bias, SCALE)
+    np.testing.assert_allclose(out, ref, atol=2e-6)
+    np.testing.assert_allclose(head_max, ref_max, atol=2e-6)
+    assert np.all(np.asarray(out)[0, 3] == 0)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_chunked_keeps_a_poisoned_value_slot_from_the_rows_that_do_not_see_it(poison):
+    q, k, v = qkv()
+    v = v.at[0, 20, 1].set(poison)  # batch 0, key 20, kv head 1
+    out = np.asarray(chunked(q, k, v, None, None, None, None)[0])
+    ref = np.asarray(dense(q, k, v, None, None, None, None)[0])
+    np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+    assert np.isnan(out[0, 20:, 2:]).all() and np.isfinite(out[0, :20]).all()  # heads 2, 3 read kv head 1
+    assert np.isfinite(out[0, 20:, :2]).all() and np.isfinite(out[1]).all()
+
+
+def test_chunked_reads_a_cache_with_empty_slots():
+    """Decoding-like keys: a longer key axis than queries, empty slots (k_idx -1) and later queries."""
+    q, k, v = qkv()
+    q = q[:, :5]
+    q_idx = jnp.broadcast_to(jnp.arange(20, 25), (B, 5))
+    k_idx = jnp.where(jnp.arange(T) < 25, jnp.arange(T), -1)[None].repeat(B, 0)
+    mask = ops.attention_mask(q_idx, k_idx, 9)
+    ref, _, _ = ops.attention_core(q, k, v, mask, scale=SCALE)
+    out, _ = ops.chunked_attention(q, k, v, q_idx, k_idx, 9, scale=SCALE, chunk=4)
+    np.testing.assert_allclose(out, ref, atol=2e-6)
+
+
+def _largest_intermediate(fn, *args) -> int:
+    """The largest array in fn's jaxpr (its equations' outputs), in elements."""
+    sizes = [int(np.prod(var.aval.shape)) for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns for var in eqn.outvars
+             if hasattr(var.aval, "shape")]
+    return max(sizes)
+
+
+def test_local_and_chunked_never_hold_t_by_t_logits():
+    t, window = 512, 32
+    idx = jnp.broadcast_to(jnp.arange(t), (1, t))
+    q, k, v = (x[:1, :1].repeat(t, 1) for x in qkv())
+    logits_tt = 1 * K * (N // K) * t * t
+    dense_fn = lambda q, k, v: ops.attention_core(q, k, v, ops.attention_mask(idx, idx, window), scale=SCALE)[0]  # noqa: E731
+    assert _largest_intermediate(dense_fn, q, k, v) >= logits_tt
+    local_fn = lambda q, k, v: ops.local_attention(q, k, v, idx, window, scale=SCALE)[0]  # noqa: E731
+    assert _largest_intermediate(local_fn, q, k, v) <= N * t * 2 * window
+    chunk_fn = lambda q, k, v: ops.chunked_attention(q, k, v, idx, idx, scale=SCALE, chunk=64)[0]  # noqa: E731
+    assert _largest_intermediate(jax.grad(lambda *x: jnp.sum(chunk_fn(*x))), q, k, v) <= N * t * 64
+
+
+def test_accounting_charges_what_each_way_computes():
+    local = ModelConfig(sliding_window=256, layer_pattern=("local",), max_seq_len=8192)
+    assert accounting.computed_keys(local, 4096, 0) == 512  # 2 x window, not T
+    assert accounting.computed_keys(local, 256, 0) == 256  # T <= 2 window: the dense T x T product
+    glob = ModelConfig(max_seq_len=8192)
+    assert accounting.computed_keys(glob, 4096, 0) == 4096
+    chunked = glob.replace(attention_impl="chunked", attention_chunk=512)
+    assert accounting.computed_keys(chunked, 4096, 0) == 36 * 512 * 512 / 4096  # 8 x 9 / 2 chunk pairs
+    per_token = [accounting.flops_per_token(local, t)["computed_attention"] for t in (256, 4096)]
+    assert per_token[1] == 2 * per_token[0]
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"attention_impl": "flash"}, "one of 'dense', 'chunked', 'cudnn'"),
+    ({"attention_impl": "cudnn", "attn_logit_softcap": 50.0}, "cannot express a soft-cap"),
+    ({"attention_impl": "cudnn", "attn_dropout": 0.1}, "cannot express dropout"),
+    ({"attention_impl": "cudnn", "position": "relative"}, "learned bias"),
+    ({"attention_impl": "chunked", "attn_dropout": 0.1}, "never holds the probabilities"),
+    ({"attention_chunk": 0}, "attention_chunk=0 is invalid"),
+])
+def test_the_config_refuses_what_an_implementation_cannot_do(changes, words):
+    with pytest.raises(ValueError, match=words):
+        ModelConfig(**changes)
