@@ -18,7 +18,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```", re.S | re.M)
-NOT_RUN = {"python -m pytest -q -n 2": "it is this test suite"}
+NOT_RUN = {"python -m pytest -q -n 2": "it is this test suite",
+           # tests/test_benchmarks.py runs these at test size and checks what they print
+           "benchmarks/compile_time.py": "test_compile_time_small",
+           "benchmarks/long_context.py": "test_long_context_quick_runs_every_configuration",
+           "benchmarks/gpu_mfu.py": "test_gpu_mfu_tiny_on_cpu"}
 SLOW = ("lecture3 train", "benchmarks/", "--workdir runs/default", "lecture3.train(")
 # command as the README writes it -> flags appended when the test runs it (the last of a flag wins).
 # The quick start trains the default run, 600 steps, minutes on 2 cores; 40 steps still warm up, evaluate
@@ -29,6 +33,7 @@ QUICK = {
     "lecture3 train": "--train.steps 40 --train.warmup-steps 4 --train.eval-every 20 --train.checkpoint-every 20",
     "python benchmarks/train_step_vs_torch.py --quick":
         "--variants jax,torch,torch_1t,torch_sdpa,jax_ynn_dot,jax_scan,jax_lean,jax_flat,jax_flat_vjp",
+    "python benchmarks/decode_kv_cache.py --vs-hf": "--quick --rounds 1",
 }
 
 
@@ -117,6 +122,13 @@ def test_script_drops_the_install_and_the_test_suite():
     assert script("pip install -e . && lecture3 train\n") == f"lecture3 train {QUICK['lecture3 train']}\n"
     assert script('pip install -e ".[test]" && python -m pytest -q -n 2\n') == ""
     assert script("a --x 1 \\\n    --y 2\n") == "a --x 1 \\\n    --y 2\n"
+
+
+def test_a_benchmark_left_out_here_is_run_by_the_test_it_names():
+    source = (ROOT / "tests" / "test_benchmarks.py").read_text()
+    for command, test in NOT_RUN.items():
+        if command.startswith("benchmarks/"):
+            assert command in README and f"def {test}(" in source, command
 
 
 def test_quick_flags_go_to_exactly_the_commands_the_readme_writes():
