@@ -19,8 +19,6 @@ import types
 import jax
 import pytest
 
-from lecture3.config import ModelConfig
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAS_IMPL = True  # ModelConfig.attention_impl exists (tests/test_model.py checks every field)
 

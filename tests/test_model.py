@@ -265,8 +265,8 @@ def test_attention_impl_same_maths_different_program(case):
         chex.assert_trees_all_close(out, ref, rtol=1e-5, atol=1e-5)
         programs.add(str(jax.make_jaxpr(jax.grad(lambda p, c=cfg: loss(c, p, segment_ids=SEGMENTS)))(params)))
     assert len(programs) == (2 if case in ("softcap", "relative") else 3)
-    chunks = {str(jax.make_jaxpr(lambda p, c=dense.replace(attention_impl="chunked", attention_chunk=k):
-                                 forward(c, p, segment_ids=SEGMENTS))(params)) for k in (4, 6, 512)}
+    sized = [dense.replace(attention_impl="chunked", attention_chunk=k) for k in (4, 6, 512)]
+    chunks = {str(jax.make_jaxpr(lambda p, c=c: forward(c, p, segment_ids=SEGMENTS))(params)) for c in sized}
     assert len(chunks) == 3  # the chunk size is the program's, not the maths'
 
 

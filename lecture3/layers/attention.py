@@ -12,11 +12,12 @@ import jax
 import jax.numpy as jnp
 
 from lecture3.config import ModelConfig
-from lecture3.layers import positions as pos
 from lecture3.layers import attention_ops as ops
+from lecture3.layers import positions as pos
 from lecture3.layers.attention_ops import NEG_INF, attention_core, attention_mask, dot_product_attention, entropy  # noqa: F401
 from lecture3.layers.common import DTYPES, constrain, dense, dropout, normal, param
 from lecture3.layers.norms import NORMS
+
 
 def _vector_norm(x: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
@@ -83,7 +84,8 @@ class Attention(nn.Module):
         needs_probs = bool({"attn_probs", "attn_entropy"} & set(self.capture))
         impl = "dense" if needs_probs else cfg.attention_impl
         probs = None
-        if impl != "cudnn" and not needs_probs and cache is None and self.window is not None and q.shape[1] > 2 * self.window:
+        blocked = cache is None and self.window is not None and q.shape[1] > 2 * self.window
+        if blocked and impl != "cudnn" and not needs_probs:
             out, head_max = ops.local_attention(q, k, v, q_idx, self.window, q_seg, positions, bias_fn,
                                                 scale, cap, drop)
         elif impl == "chunked":

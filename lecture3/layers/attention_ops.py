@@ -211,7 +211,8 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, b
     b, t, n, h = q.shape
     kv = k.shape[2]
     impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    out = jax.nn.dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype), mask=mask[:, None], scale=scale, implementation=impl)
+    bias = None if bias is None else bias.astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[:, None], scale=scale, implementation=impl)
     out = jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0)
     qg = jax.lax.stop_gradient(q).reshape(b, t, kv, n // kv, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, jax.lax.stop_gradient(k), preferred_element_type=jnp.float32)
