@@ -163,3 +163,25 @@ def test_worker_processes_record_each_run_with_its_own_command(tmp_path):
     for spec, rec in res.rows:
         assert shlex.split(rec["command"])[:5] == ["lecture3", *runner.run_args(claim, spec, "cpu", True, tmp_path)[:4]]
         assert rec["result"]["final_val_loss"] is not None
+
+
+def test_every_committed_record_is_a_run_of_its_claims_grid():
+    """A config field added since (spec.ADDED_FIELDS, at its original value) keeps the records' keys: a
+    committed record whose key its claim no longer computes would be silently orphaned and rerun."""
+    for path in runner.claim_files():
+        claim = runner.load(path.stem)
+        folder = records.REPO / "experiments" / "results" / claim.name / "runs"
+        keys = {spec.key for spec in runner.grid(claim, "cpu")}
+        on_disk = {f.stem for f in folder.glob("*.json")} if folder.is_dir() else set()
+        assert on_disk <= keys, f"{claim.name}: records no run of the grid computes: {sorted(on_disk - keys)}"
+
+
+def test_an_added_field_at_its_original_value_leaves_the_key_alone():
+    from lecture3.experiment import protocol, spec
+
+    run = spec.RunSpec(protocol.config(protocol.model_s(), lr=1e-3, seed=0), tags={})
+    d = run.config.to_dict()
+    assert spec.key_config(run.config) == {**d, "model": {k: v for k, v in d["model"].items()
+                                                          if k not in ("attention_impl", "attention_chunk")}}
+    chunked = spec.RunSpec(run.config.replace(**{"model.attention_impl": "chunked"}), tags={})
+    assert chunked.key != run.key and "attention_impl" in spec.key_config(chunked.config)["model"]
