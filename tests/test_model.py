@@ -225,14 +225,12 @@ def test_remat_same_maths_different_program():
     assert len(set(programs.values())) == 3  # each policy is its own program
 
 
-IMPL_CASES = {  # every mask (causal, window, documents) and everything inside the softmax
-    "causal": {},
-    "gqa": {"n_kv_heads": 2},
+IMPL_CASES = {  # every mask (causal, window, documents) and everything inside the softmax, all with GQA 4:2
+    "causal": {"qk_norm": "per_head"},
     "window": {"sliding_window": 3, "layer_pattern": ("local", "global")},
     "alibi": {"position": "alibi"},
     "relative": {"position": "relative", "relative_buckets": 8, "relative_max_distance": 16},
     "softcap": {"attn_logit_softcap": 1.0},
-    "qk_norm": {"qk_norm": "per_head"},
 }
 
 
@@ -251,7 +249,7 @@ def full_xla_optimisation():
 def test_attention_impl_same_maths_different_program(case):
     """chunked (4-token chunks: T = 12 is 3 x 3 chunks, the causal and window skips both happen) and cudnn
     (here its XLA path) give the dense logits and gradients on packed documents; each is its own program."""
-    dense = BASE.replace(document_mask=True, **IMPL_CASES[case])
+    dense = BASE.replace(document_mask=True, n_kv_heads=2, **IMPL_CASES[case])
     params = init(dense)
     ref = forward(dense, params, segment_ids=SEGMENTS), grads_by_layer(dense, params)
     programs = {str(jax.make_jaxpr(jax.grad(lambda p: loss(dense, p, segment_ids=SEGMENTS)))(params))}
