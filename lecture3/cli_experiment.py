@@ -177,8 +177,13 @@ def _markdown_row(claim, results, verdict, folder) -> str:
     except ValueError:
         rel = folder / "report.md"
     link = f"[report]({rel})" if (folder / "report.md").exists() else "–"
-    return (f"| {claim.number} | {claim.title} | {verdict} | {key or '–'} | {len(results.rows)}/{len(results.specs)} "
-            f"| {link} | `lecture3 experiment {claim.short}` |")
+    return (f"| {claim.number} | {_cell(claim.title)} | {verdict} | {_cell(key) or '–'} "
+            f"| {len(results.rows)}/{len(results.specs)} | {link} | `lecture3 experiment {claim.short}` |")
+
+
+def _cell(text: str) -> str:
+    """Text for one markdown table cell: a `|` (as in |log Z|) would end the cell, so it is escaped."""
+    return text.replace("|", "\\|")
 
 
 def command():

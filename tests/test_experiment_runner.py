@@ -3,6 +3,7 @@ whose command reproduces them, the quick path of every claim, listing and bad in
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -118,6 +119,9 @@ def test_the_readme_table_is_the_recorded_verdicts():
     table = text.split(start, 1)[1].split(end, 1)[0].strip()
     assert table == markdown_table(), "README's claims table is stale: run `lecture3 experiment --update-readme`"
     assert len(table.splitlines()) == 2 + len(runner.claim_files())
+    # every row has the header's 7 cells: a `|` inside a cell (claim 10's "|log Z|") is escaped
+    cells = [len(re.split(r"(?<!\\)\|", row.strip())[1:-1]) for row in table.splitlines()]
+    assert cells == [7] * len(cells), cells
 
 
 def test_results_and_reports_do_not_count_as_uncommitted_code(tmp_path, monkeypatch):
