@@ -11,9 +11,16 @@ medians of per-round ratios. Timings on a shared machine swing: read the ratios,
 First it proves the PyTorch model is the same model: the lecture3 init params are copied into it and the
 two losses are printed at init and after a few identical AdamW steps.
 
+`--model llama` runs the same comparison on a small Llama (d 256, 4 layers, GQA 8:2, SwiGLU d_ff 768, RoPE,
+untied head, vocab 8192, batch 8 x 256) against transformers' own `LlamaForCausalLM`, loaded from the
+lecture3 init params written by `lecture3.hf.save_pretrained` and trained with `torch.optim.AdamW` and
+clipping (`torch`: eager attention, `torch_sdpa`: attn_implementation="sdpa"). The JAX variants that only
+change flags or the step's options apply to it; the hand-written forwards (`jax_flat*`) do not.
+
     python benchmarks/train_step_vs_torch.py            # default: ~3-5 minutes on 2 cores
     python benchmarks/train_step_vs_torch.py --quick    # a smoke run: 2 rounds of 2 steps
     python benchmarks/train_step_vs_torch.py --variants jax,torch,jax_lean --hlo
+    python benchmarks/train_step_vs_torch.py --model llama --variants jax,torch,torch_sdpa,jax_ynn_dot
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ class Variant:
 
 
 VARIANTS: dict[str, Variant] = {
-    "jax": Variant("lecture3 make_train_step, Config() defaults (the reference)"),
+    "jax": Variant("lecture3 make_train_step, Config() defaults, XLA's default flags (the reference; the "
+                   "lecture3 CLI adds jax_ynn_dot's flag on CPU)"),
     "torch": Variant("same model, eager PyTorch, explicit masked softmax attention", kind="torch",
                      step="math"),
     "torch_1t": Variant("eager PyTorch, torch.set_num_threads(1)", kind="torch", step="math",
@@ -53,6 +61,14 @@ VARIANTS: dict[str, Variant] = {
                           step="sdpa"),
     "jax_ynn_dot": Variant("XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot",
                            xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot"),
+    "jax_ynn_eltwise": Variant("XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise",
+                               xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"),
+    "jax_ynn_reduce": Variant("XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
+                              xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"),
+    "jax_xnn_greedy": Variant("XLA_FLAGS=--xla_cpu_use_xnnpack=true "
+                              "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+                              xla_flags="--xla_cpu_use_xnnpack=true "
+                              "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
     "jax_bf16": Variant('cfg.dtype="bfloat16" (params float32)', model={"dtype": "bfloat16"}),
     "jax_scan": Variant("scan_layers=True", model={"scan_layers": True}),
     "jax_remat_full": Variant('remat="full"', model={"remat": "full"}),
@@ -73,6 +89,26 @@ DEFAULT_VARIANTS = ("jax", "torch", "torch_1t", "torch_sdpa", "jax_ynn_dot", "ja
                     "jax_flat_vjp")
 
 
+MODELS = ("default", "lecture3 Config()"), ("llama", "a small Llama vs transformers' LlamaForCausalLM")
+FLAT_STEPS = ("flat", "flat_vjp")  # hand-written forwards of the default model only
+
+
+def bench_config(model: str):
+    """The Config of the comparison: `Config()` or the small Llama (llama3's choices at the issue's size)."""
+    import dataclasses
+
+    from lecture3 import presets
+    from lecture3.config import Config
+
+    cfg = Config()
+    if model == "default":
+        return cfg
+    m = presets.get("llama3").replace(vocab_size=8192, d_model=256, n_layers=4, n_heads=8, n_kv_heads=2,
+                                      d_ff=768, max_seq_len=256, rope_theta=10000.0, rope_scaling=None)
+    return Config(model=m, data=dataclasses.replace(cfg.data, seq_len=256),
+                  train=dataclasses.replace(cfg.train, batch_size=8), mesh=cfg.mesh, dist=cfg.dist)
+
+
 def n_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
@@ -87,17 +123,17 @@ def make_batch(vocab: int, batch: int, seq_len: int) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 
 
-def jax_setup(v: Variant, params_from=None):
+def jax_setup(v: Variant, model: str = "default"):
     """(step, state, batch) for variant v: the lecture3 state and a jitted, donating step."""
     import jax
     import jax.numpy as jnp
 
     from lecture3 import sharding, steps
-    from lecture3.config import Config, MeshConfig
+    from lecture3.config import MeshConfig
 
     if v.precision is not None:
         jax.config.update("jax_default_matmul_precision", v.precision)
-    cfg = Config()
+    cfg = bench_config(model)
     m, tc = cfg.model.replace(**v.model), cfg.train
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     rules = sharding.axis_rules(m, mesh, tc.batch_size)
@@ -253,11 +289,11 @@ def hlo_counts(step, state, batch, mesh, rules) -> dict:
     return out
 
 
-def jax_worker(name: str, steps: int, hlo: bool) -> None:
+def jax_worker(name: str, steps: int, hlo: bool, model: str) -> None:
     import jax
 
     v = VARIANTS[name]
-    step, state, batch, (m, tc, seq_len, mesh, rules) = jax_setup(v)
+    step, state, batch, (m, tc, seq_len, mesh, rules) = jax_setup(v, model)
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(state)
@@ -349,18 +385,39 @@ def torch_model(params: dict[str, np.ndarray], m, sdpa: bool):
     return Model()
 
 
-def torch_trainer(params: dict[str, np.ndarray], sdpa: bool = False):
-    """(model, step(tokens, targets) -> loss): AdamW + clipping, lecture3's hyperparameters and decay mask."""
+def hf_llama(hf_dir: str, sdpa: bool):
+    """(module, forward(tokens) -> logits): transformers' LlamaForCausalLM on the weights lecture3 wrote."""
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        hf_dir, attn_implementation="sdpa" if sdpa else "eager", dtype=torch.float32)
+    model.train()  # dropout is 0 in the config: train mode changes nothing but is what training uses
+    return model, lambda tokens: model(input_ids=tokens, use_cache=False).logits
+
+
+def torch_trainer(source, sdpa: bool = False, model_name: str = "default"):
+    """(model, step(tokens, targets) -> loss): AdamW + clipping, lecture3's hyperparameters and decay mask.
+    `source`: the lecture3 params (default model) or the folder lecture3.hf.save_pretrained wrote (llama)."""
     import torch
 
-    from lecture3.config import Config
     from lecture3.optim import schedule
 
-    cfg = Config()
+    cfg = bench_config(model_name)
     m, tc = cfg.model, cfg.train
-    model = torch_model(params, m, sdpa)
-    decay = [p for name, p in model.named_parameters() if name.endswith(".weight")]  # the matrices
-    no_decay = [p for name, p in model.named_parameters() if not name.endswith(".weight")]  # gains, embed
+    if model_name == "llama":
+        model, forward = hf_llama(source, sdpa)
+        # lecture3's mask: matrices decay; norm gains, the embedding and the untied head do not
+        # (decay_embeddings=False)
+        named = list(model.named_parameters())
+        embedding = lambda name: "embed_tokens" in name or "lm_head" in name  # noqa: E731
+        decay = [p for name, p in named if p.ndim >= 2 and (tc.decay_embeddings or not embedding(name))]
+        no_decay = [p for name, p in named if not (p.ndim >= 2 and (tc.decay_embeddings or not embedding(name)))]
+    else:
+        model = torch_model(source, m, sdpa)
+        forward = model
+        decay = [p for name, p in model.named_parameters() if name.endswith(".weight")]  # the matrices
+        no_decay = [p for name, p in model.named_parameters() if not name.endswith(".weight")]  # gains, embed
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
@@ -371,7 +428,7 @@ def torch_trainer(params: dict[str, np.ndarray], sdpa: bool = False):
     def step(tokens, targets):
         for g in opt.param_groups:
             g["lr"] = lrs[min(count[0], len(lrs) - 1)]
-        logits = model(tokens)
+        logits = forward(tokens)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -380,7 +437,7 @@ def torch_trainer(params: dict[str, np.ndarray], sdpa: bool = False):
         count[0] += 1
         return loss
 
-    return model, step
+    return forward, step
 
 
 def torch_matmul_peak(seconds: float = 0.25, n: int = 1024) -> float:
@@ -396,15 +453,13 @@ def torch_matmul_peak(seconds: float = 0.25, n: int = 1024) -> float:
     return 2 * n ** 3 / best
 
 
-def torch_worker(name: str, steps: int, params_file: str, threads: int) -> None:
+def torch_worker(name: str, steps: int, params_file: str, threads: int, model: str) -> None:
     import torch
 
-    from lecture3.config import Config
-
     torch.set_num_threads(VARIANTS[name].threads or threads)
-    cfg = Config()
-    params = load_params(params_file)
-    _, step = torch_trainer(params, sdpa=VARIANTS[name].step == "sdpa")
+    cfg = bench_config(model)
+    source = params_file if model == "llama" else load_params(params_file)
+    _, step = torch_trainer(source, sdpa=VARIANTS[name].step == "sdpa", model_name=model)
     b = make_batch(cfg.model.vocab_size, cfg.train.batch_size, cfg.data.seq_len)
     tokens, targets = torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()
     for _ in range(3):
@@ -440,18 +495,24 @@ def serve(info: dict, run_round, peak) -> None:
         print(json.dumps(reply), flush=True)
 
 
-def save_params(path: str) -> tuple[float, list[float]]:
-    """Init the lecture3 default state, save its params; return its loss at init and over 3 steps."""
+def save_params(path: str, model: str = "default") -> tuple[float, list[float]]:
+    """Init the lecture3 state of the comparison, save its params (an .npz; for llama, the folder that
+    lecture3.hf.save_pretrained writes); return its loss at init and over 3 steps."""
     import jax
 
     from lecture3 import losses
     from lecture3.model import Transformer
 
-    step, state, batch, (m, *_rest) = jax_setup(VARIANTS["jax"])
+    step, state, batch, (m, *_rest) = jax_setup(VARIANTS["jax"], model)
     params = jax.tree.map(np.asarray, state.params)
-    flat = {"/".join(getattr(k, "key", str(k)) for k in path_): leaf
-            for path_, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
-    np.savez(path, **flat)
+    if model == "llama":
+        from lecture3.hf import save_pretrained
+
+        save_pretrained(m, params, path, family="llama")
+    else:
+        flat = {"/".join(getattr(k, "key", str(k)) for k in path_): leaf
+                for path_, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+        np.savez(path, **flat)
     logits = jax.jit(Transformer(m).apply)({"params": state.params}, batch["inputs"])
     init_loss = float(losses.cross_entropy()(logits, batch)[0])
     losses = []
@@ -473,14 +534,14 @@ def load_params(path: str) -> dict:
     return tree
 
 
-def check_same_model(params_file: str, jax_init: float, jax_losses: list[float], threads: int) -> None:
+def check_same_model(params_file: str, jax_init: float, jax_losses: list[float], threads: int,
+                     model_name: str = "default") -> None:
     import torch
 
-    from lecture3.config import Config
-
     torch.set_num_threads(threads)
-    cfg = Config()
-    model, step = torch_trainer(load_params(params_file))
+    cfg = bench_config(model_name)
+    source = params_file if model_name == "llama" else load_params(params_file)
+    model, step = torch_trainer(source, model_name=model_name)
     b = make_batch(cfg.model.vocab_size, cfg.train.batch_size, cfg.data.seq_len)
     tokens, targets = torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()
     with torch.no_grad():
@@ -501,7 +562,7 @@ def start_worker(name: str, args, params_file: str, threads: int) -> subprocess.
     if v.xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + v.xla_flags).strip()
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
-           "--params", params_file, "--threads", str(threads)] + (["--hlo"] if args.hlo else [])
+           "--params", params_file, "--threads", str(threads), "--model", args.model] + (["--hlo"] if args.hlo else [])
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
 
@@ -518,10 +579,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2 rounds of 2 steps: a smoke run")
     p.add_argument("--rounds", type=int, default=None, help="rounds of interleaved timing (default 4)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round (default 3)")
-    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
-                   help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated, from {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)}; "
+                        f"with --model llama, those without jax_flat*)")
     p.add_argument("--hlo", action="store_true", help="count dots and transposing copies in each step")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores JAX uses)")
+    p.add_argument("--model", choices=[name for name, _ in MODELS], default="default",
+                   help="; ".join(f"{name}: {doc}" for name, doc in MODELS))
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--params", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -531,27 +595,38 @@ def main() -> None:
 
     if args.worker:
         if VARIANTS[args.worker].kind == "torch":
-            torch_worker(args.worker, args.steps, args.params, args.threads)
+            torch_worker(args.worker, args.steps, args.params, args.threads, args.model)
         else:
-            jax_worker(args.worker, args.steps, args.hlo)
+            jax_worker(args.worker, args.steps, args.hlo, args.model)
         return
 
+    if args.variants is None:
+        args.variants = ",".join(n for n in DEFAULT_VARIANTS
+                                 if args.model == "default" or VARIANTS[n].step not in FLAT_STEPS)
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    flat = [n for n in names if VARIANTS[n].step in FLAT_STEPS]
+    if args.model != "default" and flat:
+        raise SystemExit(f"variant(s) {flat} are hand-written forwards of the default model; "
+                         f"drop them with --model {args.model}")
     names = ["jax", "torch"] + [n for n in names if n not in ("jax", "torch")]
 
     from lecture3.accounting import flops_per_token
-    from lecture3.config import Config
 
-    cfg = Config()
+    cfg = bench_config(args.model)
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)["training"]
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        params_file = os.path.join(tmp, "params.npz")
-        jax_init, jax_losses = save_params(params_file)
-        check_same_model(params_file, jax_init, jax_losses, threads)
+        params_file = os.path.join(tmp, "hf" if args.model == "llama" else "params.npz")
+        jax_init, jax_losses = save_params(params_file, args.model)
+        check_same_model(params_file, jax_init, jax_losses, threads, args.model)
+        m = cfg.model
+        print(f"model {args.model}: d_model {m.d_model}, {m.n_layers} layers, heads {m.n_heads}:"
+              f"{m.n_kv_heads or m.n_heads}, d_ff {m.resolved_d_ff}, vocab {m.vocab_size}, "
+              f"{'tied' if m.tie_embeddings else 'untied'} head; batch {cfg.train.batch_size} x "
+              f"{cfg.data.seq_len}" + ("; torch = transformers LlamaForCausalLM" if args.model == "llama" else ""))
         print(f"cores: {n_cores()} (XLA:CPU uses them all); torch.set_num_threads({threads}); "
               f"{args.rounds} rounds x {args.steps} steps per variant; training FLOPs/token "
               f"{flops_tok / 1e6:.2f} M (lecture3.accounting, seq_len {cfg.data.seq_len})")
@@ -579,11 +654,22 @@ def main() -> None:
             w.stdin.write("quit\n")
             w.stdin.flush()
             w.wait()
-    report(names, times, peaks, infos, flops_tok, args.hlo)
+    report(names, times, peaks, infos, flops_tok, args.hlo, args.model)
     print(f"\ntotal wall time {time.perf_counter() - t_start:.0f} s")
 
 
-def report(names, times, peaks, infos, flops_tok: float, hlo: bool) -> None:
+def describe(name: str, model: str) -> str:
+    """The table's `what` column: on the llama comparison the torch rows are transformers' model."""
+    v = VARIANTS[name]
+    if model != "llama" or name == "jax":
+        return v.doc if name != "jax" or model == "default" else "lecture3 make_train_step, XLA's default flags"
+    if v.kind != "torch":
+        return v.doc
+    threads = f", torch.set_num_threads({v.threads})" if v.threads else ""
+    return f"transformers LlamaForCausalLM, attn_implementation={'sdpa' if v.step == 'sdpa' else 'eager'}{threads}"
+
+
+def report(names, times, peaks, infos, flops_tok: float, hlo: bool, model: str = "default") -> None:
     peak_jax, peak_torch = np.median(peaks["jax"]), np.median(peaks["torch"])
     peak = max(peak_jax, peak_torch)
     print(f"\nmatmul peak (1024x1024 f32, best of bursts, median over rounds): "
@@ -600,7 +686,7 @@ def report(names, times, peaks, infos, flops_tok: float, hlo: bool) -> None:
         vs_jax = np.median(per_round["jax"] / per_round[n])  # > 1: faster than the JAX default
         vs_torch = np.median(per_round["torch"] / per_round[n])
         print(f"{n:<17}{ms:>9.1f}{tps:>10.0f}{100 * tps * flops_tok / peak:>6.1f}%{vs_jax:>13.2f}x"
-              f"{vs_torch:>15.2f}x   {VARIANTS[n].doc}")
+              f"{vs_torch:>15.2f}x   {describe(n, model)}")
     print("speed vs X = median over rounds of (X's round median / variant's round median); > 1 is faster.")
     if hlo:
         print("\ncompiled step, entry computation: transposes = fusions that transpose/copy without a dot; "

@@ -12,6 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 _TMP = tempfile.mkdtemp(prefix="lecture3-tests-")
 os.environ["TMPDIR"] = _TMP
 tempfile.tempdir = _TMP
+# One persistent XLA cache for the whole run (xdist workers and the CLI / notebook subprocesses inherit
+# these variables from the first process): the suite compiles the same small programs many times over
+# (the same init for every arm of a claim, the same train step in several test files).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_TMP, "xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import jax  # noqa: E402
 

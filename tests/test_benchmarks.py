@@ -26,6 +26,7 @@ HAS_IMPL = True  # ModelConfig.attention_impl exists (tests/test_model.py checks
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # a dataclass in the script looks its module up there
     spec.loader.exec_module(module)
     return module
 
@@ -117,3 +118,26 @@ def test_long_context_quick_runs_every_configuration():
     assert re.search(r"chunked / dense: step time [\d.]+x, peak memory [\d.]+x", out), out
     losses = re.findall(r"^(?:dense|chunked).* loss ([\d.]+)$", out, re.M)
     assert len(losses) == 2 and losses[0] == losses[1], out  # the same first step, whichever attention
+
+
+@pytest.mark.slow
+def test_train_step_vs_torch_llama_is_transformers_model_on_the_same_weights(tmp_path, capsys):
+    """--model llama: transformers' LlamaForCausalLM, loaded from the folder lecture3.hf.save_pretrained
+    wrote from the lecture3 init, gives lecture3's loss at init and over 3 AdamW steps."""
+    pytest.importorskip("torch")
+    bench = _load("train_step_vs_torch")
+    cfg = bench.bench_config("llama").model
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == (256, 4, 8, 2, 8192)
+    folder = str(tmp_path / "hf")
+    init, losses = bench.save_params(folder, "llama")
+    bench.check_same_model(folder, init, losses, 1, "llama")
+    out = capsys.readouterr().out
+    assert re.search(r"^  OK: largest \|diff\| [\d.e+-]+ \(tolerance 1e-3\)$", out, re.M), out
+    assert losses[-1] < init  # it trains
+
+
+def test_train_step_vs_torch_refuses_a_hand_written_forward_on_llama():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step_vs_torch.py"), "--model", "llama",
+                           "--variants", "jax,torch,jax_flat"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "['jax_flat'] are hand-written forwards of the default model; drop them with --model llama" in proc.stderr

@@ -61,6 +61,7 @@ def test_a_killed_grid_finishes_without_redoing_finished_runs_and_a_record_repro
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("little_xla_optimisation")  # a smoke run of the code path: compiles, barely computes
 @pytest.mark.parametrize("name", [p.stem for p in runner.claim_files()])
 def test_every_claims_quick_path_runs_and_writes_a_report_without_a_verdict(name, tmp_path):
     claim = runner.load(name)

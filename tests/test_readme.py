@@ -21,18 +21,21 @@ BLOCK = re.compile(r"^```(python|bash)\n(.*?)^```", re.S | re.M)
 NOT_RUN = {"python -m pytest -q -n 2": "it is this test suite",
            # tests/test_benchmarks.py runs these at test size and checks what they print
            "benchmarks/compile_time.py": "test_compile_time_small",
+           "benchmarks/train_step_vs_torch.py --model llama":
+               "test_train_step_vs_torch_llama_is_transformers_model_on_the_same_weights",
            "benchmarks/long_context.py": "test_long_context_quick_runs_every_configuration",
            "benchmarks/gpu_mfu.py": "test_gpu_mfu_tiny_on_cpu"}
 SLOW = ("lecture3 train", "benchmarks/", "--workdir runs/default", "lecture3.train(")
 # command as the README writes it -> flags appended when the test runs it (the last of a flag wins).
 # The quick start trains the default run, 600 steps, minutes on 2 cores; 40 steps still warm up, evaluate
-# and checkpoint twice, and sample. The train-step benchmark starts a worker per variant (14, each
-# compiling); the test runs one of each kind: each step implementation (lecture3, lean, flat, flat_vjp;
-# torch math, sdpa), torch threads, a model change and an XLA flag.
+# and checkpoint twice, and sample. The train-step benchmark starts a worker per variant (17, each
+# compiling); the test runs one of each kind: each step function (lecture3, lean, the hand-written
+# forward with its custom VJP; torch math, sdpa), torch threads and an XLA flag. (A model change, scan or
+# bf16, is the same worker with another ModelConfig; tests/test_model.py checks those configs.)
 QUICK = {
     "lecture3 train": "--train.steps 40 --train.warmup-steps 4 --train.eval-every 20 --train.checkpoint-every 20",
     "python benchmarks/train_step_vs_torch.py --quick":
-        "--variants jax,torch,torch_1t,torch_sdpa,jax_ynn_dot,jax_scan,jax_lean,jax_flat,jax_flat_vjp",
+        "--variants jax,torch,torch_1t,torch_sdpa,jax_ynn_dot,jax_lean,jax_flat_vjp",
     "python benchmarks/decode_kv_cache.py --vs-hf": "--quick --rounds 1",
 }
 
