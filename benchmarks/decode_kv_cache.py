@@ -6,7 +6,7 @@ tokens/s of `lecture3.decoding.decode` (one compiled loop over the cached step) 
 the bytes of K and V actually held, next to `accounting.kv_cache_bytes`.
 
     python benchmarks/decode_kv_cache.py            # contexts 128..4096, table + PNG
-    python benchmarks/decode_kv_cache.py --quick    # a small model and three contexts: a smoke run
+    python benchmarks/decode_kv_cache.py --quick    # a small model and two contexts: a smoke run
 
 The cache is filled synthetically up to the context (the cost of a step depends on how many keys it
 reads, not on their values), then `--steps` tokens are decoded and timed (compilation excluded).
@@ -198,7 +198,7 @@ def print_vs_transformers(res: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, three contexts, few steps")
+    parser.add_argument("--quick", action="store_true", help="tiny model, two contexts, few steps")
     parser.add_argument("--batch", type=int, default=None,
                         help="sequences decoded together (default 4, quick 2)")
     parser.add_argument("--steps", type=int, default=None, help="tokens decoded per measurement (default 32)")
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     batch = args.batch or (2 if args.quick else 4)
     steps = args.steps or (8 if args.quick else 32)
-    contexts = [128, 512, 1024] if args.quick else [128, 256, 512, 1024, 2048, 4096]
+    contexts = [128, 512] if args.quick else [128, 256, 512, 1024, 2048, 4096]
     repeats = 1 if args.quick else 3
     if args.vs_hf:
         print_vs_transformers(vs_transformers(batch if args.batch else 4, 16 if args.quick else 64,
