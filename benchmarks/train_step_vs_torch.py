@@ -396,9 +396,9 @@ def hf_llama(hf_dir: str, sdpa: bool):
     return model, lambda tokens: model(input_ids=tokens, use_cache=False).logits
 
 
-def torch_trainer(source, sdpa: bool = False, model_name: str = "default"):
-    """(model, step(tokens, targets) -> loss): AdamW + clipping, lecture3's hyperparameters and decay mask.
-    `source`: the lecture3 params (default model) or the folder lecture3.hf.save_pretrained wrote (llama)."""
+def torch_trainer(params_file: str, sdpa: bool = False, model_name: str = "default"):
+    """(forward(tokens) -> logits, step(tokens, targets) -> loss): AdamW + clipping, lecture3's
+    hyperparameters and decay mask. `params_file`: what `save_params` wrote for `model_name`."""
     import torch
 
     from lecture3.optim import schedule
@@ -406,18 +406,17 @@ def torch_trainer(source, sdpa: bool = False, model_name: str = "default"):
     cfg = bench_config(model_name)
     m, tc = cfg.model, cfg.train
     if model_name == "llama":
-        model, forward = hf_llama(source, sdpa)
-        # lecture3's mask: matrices decay; norm gains, the embedding and the untied head do not
-        # (decay_embeddings=False)
-        named = list(model.named_parameters())
+        model, forward = hf_llama(params_file, sdpa)
+        # lecture3's mask: matrices decay; norm gains, the embedding and the untied head only with
+        # decay_embeddings
         embedding = lambda name: "embed_tokens" in name or "lm_head" in name  # noqa: E731
-        decay = [p for name, p in named if p.ndim >= 2 and (tc.decay_embeddings or not embedding(name))]
-        no_decay = [p for name, p in named if not (p.ndim >= 2 and (tc.decay_embeddings or not embedding(name)))]
+        decays = lambda name, p: p.ndim >= 2 and (tc.decay_embeddings or not embedding(name))  # noqa: E731
     else:
-        model = torch_model(source, m, sdpa)
-        forward = model
-        decay = [p for name, p in model.named_parameters() if name.endswith(".weight")]  # the matrices
-        no_decay = [p for name, p in model.named_parameters() if not name.endswith(".weight")]  # gains, embed
+        model = forward = torch_model(load_params(params_file), m, sdpa)
+        decays = lambda name, p: name.endswith(".weight")  # noqa: E731  the matrices; not gains, embed
+    named = list(model.named_parameters())
+    decay = [p for name, p in named if decays(name, p)]
+    no_decay = [p for name, p in named if not decays(name, p)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=tc.eps)
@@ -458,8 +457,7 @@ def torch_worker(name: str, steps: int, params_file: str, threads: int, model: s
 
     torch.set_num_threads(VARIANTS[name].threads or threads)
     cfg = bench_config(model)
-    source = params_file if model == "llama" else load_params(params_file)
-    _, step = torch_trainer(source, sdpa=VARIANTS[name].step == "sdpa", model_name=model)
+    _, step = torch_trainer(params_file, sdpa=VARIANTS[name].step == "sdpa", model_name=model)
     b = make_batch(cfg.model.vocab_size, cfg.train.batch_size, cfg.data.seq_len)
     tokens, targets = torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()
     for _ in range(3):
@@ -540,12 +538,11 @@ def check_same_model(params_file: str, jax_init: float, jax_losses: list[float],
 
     torch.set_num_threads(threads)
     cfg = bench_config(model_name)
-    source = params_file if model_name == "llama" else load_params(params_file)
-    model, step = torch_trainer(source, model_name=model_name)
+    forward, step = torch_trainer(params_file, model_name=model_name)
     b = make_batch(cfg.model.vocab_size, cfg.train.batch_size, cfg.data.seq_len)
     tokens, targets = torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()
     with torch.no_grad():
-        logits = model(tokens)
+        logits = forward(tokens)
         init = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item()
     losses = [step(tokens, targets).item() for _ in range(3)]
     print("same model check (identical weights, same batch): loss")
@@ -624,7 +621,7 @@ def main() -> None:
         check_same_model(params_file, jax_init, jax_losses, threads, args.model)
         m = cfg.model
         print(f"model {args.model}: d_model {m.d_model}, {m.n_layers} layers, heads {m.n_heads}:"
-              f"{m.n_kv_heads or m.n_heads}, d_ff {m.resolved_d_ff}, vocab {m.vocab_size}, "
+              f"{m.resolved_n_kv_heads}, d_ff {m.resolved_d_ff}, vocab {m.vocab_size}, "
               f"{'tied' if m.tie_embeddings else 'untied'} head; batch {cfg.train.batch_size} x "
               f"{cfg.data.seq_len}" + ("; torch = transformers LlamaForCausalLM" if args.model == "llama" else ""))
         print(f"cores: {n_cores()} (XLA:CPU uses them all); torch.set_num_threads({threads}); "
@@ -661,9 +658,9 @@ def main() -> None:
 def describe(name: str, model: str) -> str:
     """The table's `what` column: on the llama comparison the torch rows are transformers' model."""
     v = VARIANTS[name]
-    if model != "llama" or name == "jax":
-        return v.doc if name != "jax" or model == "default" else "lecture3 make_train_step, XLA's default flags"
-    if v.kind != "torch":
+    if model == "llama" and name == "jax":
+        return "lecture3 make_train_step, XLA's default flags"
+    if model != "llama" or v.kind != "torch":
         return v.doc
     threads = f", torch.set_num_threads({v.threads})" if v.threads else ""
     return f"transformers LlamaForCausalLM, attn_implementation={'sdpa' if v.step == 'sdpa' else 'eager'}{threads}"
