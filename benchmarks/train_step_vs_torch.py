@@ -48,6 +48,7 @@ class Variant:
     step: str = "lecture3"  # jax: lecture3 (the real step), lean, flat, flat_vjp; torch: math, sdpa
     precision: str | None = None  # jax_default_matmul_precision
     threads: int | None = None  # torch threads; None = the cores JAX uses
+    devices: int = 1  # jax: XLA:CPU host devices, the batch split over them (a data-parallel mesh)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -65,6 +66,8 @@ VARIANTS: dict[str, Variant] = {
                                xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot,eltwise"),
     "jax_ynn_reduce": Variant("XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
                               xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"),
+    "jax_no_ynn": Variant("XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (no YNNPACK fusions: Eigen dots)",
+                          xla_flags="--xla_cpu_experimental_ynn_fusion_type="),
     "jax_xnn_greedy": Variant("XLA_FLAGS=--xla_cpu_use_xnnpack=true "
                               "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
                               xla_flags="--xla_cpu_use_xnnpack=true "
@@ -78,6 +81,12 @@ VARIANTS: dict[str, Variant] = {
     "jax_eigen_1t": Variant("XLA_FLAGS=--xla_cpu_multi_thread_eigen=false",
                             xla_flags="--xla_cpu_multi_thread_eigen=false"),
     "jax_prec_highest": Variant('jax_default_matmul_precision="highest"', precision="highest"),
+    "jax_dp2": Variant("2 XLA:CPU host devices, the batch split over a data mesh of 2 (one per core)",
+                       devices=2),
+    "jax_dp2_ynn": Variant("jax_dp2 + XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",
+                           devices=2, xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"),
+    "jax_dp2_eigen_1t": Variant("jax_dp2 + XLA_FLAGS=--xla_cpu_multi_thread_eigen=false", devices=2,
+                                xla_flags="--xla_cpu_multi_thread_eigen=false"),
     "jax_lean": Variant("same model + AdamW, no diagnostics (max logit, |log Z|, update ratio, finite guard)",
                         step="lean"),
     "jax_flat": Variant("lean, hand-written forward on [B*T, D] 2-D matmuls (lecture3 params)", step="flat"),
@@ -135,7 +144,7 @@ def jax_setup(v: Variant, model: str = "default"):
         jax.config.update("jax_default_matmul_precision", v.precision)
     cfg = bench_config(model)
     m, tc = cfg.model.replace(**v.model), cfg.train
-    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    mesh = sharding.make_mesh(MeshConfig(v.devices, 1, 1), jax.devices()[:v.devices])
     rules = sharding.axis_rules(m, mesh, tc.batch_size)
     _, shardings = steps.state_shardings(m, tc, mesh, rules)
     state = steps.init_state(m, tc, mesh, rules)
@@ -556,8 +565,9 @@ def check_same_model(params_file: str, jax_init: float, jax_losses: list[float],
 def start_worker(name: str, args, params_file: str, threads: int) -> subprocess.Popen:
     v = VARIANTS[name]
     env = dict(os.environ)
-    if v.xla_flags:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + v.xla_flags).strip()
+    flags = v.xla_flags + (f" --xla_force_host_platform_device_count={v.devices}" if v.devices > 1 else "")
+    if flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--steps", str(args.steps),
            "--params", params_file, "--threads", str(threads), "--model", args.model] + (["--hlo"] if args.hlo else [])
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)

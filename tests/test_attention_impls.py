@@ -52,6 +52,44 @@ def grads(fn, q, k, v, *args):
     return jax.grad(lambda *x: jnp.sum(jnp.sin(fn(*x, *args)[0])), argnums=(0, 1, 2))(q, k, v)
 
 
+def naive_attention(q, k, v, mask, bias, cap):
+    """The textbook maths, one head at a time with `jax.nn.softmax`: what `attention_core` must equal."""
+    outs, maxes = [], []
+    for i in range(N):
+        logits = SCALE * jnp.einsum("bth,bsh->bts", q[:, :, i], k[:, :, i // (N // K)])
+        maxes.append(jnp.max(jnp.where(mask, logits, -jnp.inf)))
+        if cap is not None:
+            logits = cap * jnp.tanh(logits / cap)
+        if bias is not None:
+            logits = logits + bias[:, i]
+        probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1), 0.0)
+        outs.append(jnp.einsum("bts,bsh->bth", probs, v[:, :, i // (N // K)]))
+    return jnp.stack(outs, axis=2), jnp.stack(maxes)
+
+
+@pytest.mark.parametrize("bias, cap", [(None, None), ("alibi", None), (None, 2.0)])
+def test_dense_core_equals_the_textbook_maths_with_gradients(bias, cap):
+    """Outputs, head max and the gradients of both (the core has its own softmax derivative, and without a
+    cap or a bias takes the head max from the softmax's row max), with a row that sees no key at all."""
+    q, k, v = qkv()
+    mask = ops.attention_mask(IDX, IDX, 9, SEG, SEG).at[1, 5].set(False)  # row 5 of batch 1: no key
+    b = None if bias is None else alibi(IDX, IDX)
+    core = lambda q, k, v: ops.attention_core(q, k, v, mask, b, SCALE, cap)  # noqa: E731
+    out, probs, head_max = core(q, k, v)
+    ref_out, ref_max = naive_attention(q, k, v, mask, b, cap)
+    np.testing.assert_allclose(out, ref_out, atol=2e-6)
+    np.testing.assert_allclose(head_max, ref_max, atol=2e-6)
+    assert np.all(np.asarray(out)[1, 5] == 0) and np.all(np.asarray(probs)[1, :, :, 5] == 0)
+    for pick in (lambda o, m: jnp.sum(jnp.sin(o)), lambda o, m: jnp.sum(m ** 2)):
+        got = jax.grad(lambda *x, pick=pick: pick(*core(*x)[::2]), argnums=(0, 1, 2))(q, k, v)
+        want = jax.grad(lambda *x, pick=pick: pick(*naive_attention(*x, mask, b, cap)),
+                        argnums=(0, 1, 2))(q, k, v)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, w, atol=1e-5)
+    no_key = ops.attention_core(q, k, v, jnp.zeros_like(mask), b, SCALE, cap)[2]
+    assert np.all(np.asarray(no_key) == -np.inf)  # a head that sees no key: -inf, as the max of nothing
+
+
 @pytest.mark.parametrize("window, documents, bias, cap", [
     (None, False, None, None), (None, True, "alibi", 2.0), (5, False, "alibi", None), (5, True, None, 2.0),
     (16, True, "alibi", None), (16, False, None, 2.0)])  # windows < chunk, > chunk; every option twice

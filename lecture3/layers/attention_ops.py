@@ -38,6 +38,23 @@ def attention_mask(q_idx: jax.Array, k_idx: jax.Array, window: int | None = None
     return mask
 
 
+@jax.custom_jvp
+def softmax_given_max(x: jax.Array, row_max: jax.Array) -> jax.Array:
+    """softmax over the last axis of x, given its row max (keepdims; only a shift: no gradient flows to
+    it). The derivative is the softmax's own, y * (dx - sum(y * dx)): autodiff through the division
+    (what `jax.nn.softmax` does unless `jax_softmax_custom_jvp` is set) costs more passes in the backward."""
+    e = jnp.exp(x - row_max)
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+@softmax_given_max.defjvp
+def _softmax_given_max_jvp(primals, tangents):
+    x, row_max = primals
+    dx, _ = tangents
+    y = softmax_given_max(x, row_max)
+    return y, y * (dx - jnp.sum(y * dx, axis=-1, keepdims=True))
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                           bias: jax.Array | None = None, scale: float = 1.0, cap: float | None = None,
                           dropout_fn=None) -> tuple[jax.Array, jax.Array]:
@@ -68,12 +85,18 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
     logits = jnp.einsum("bkgth,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     allowed = mask[:, None, None]  # [B, 1, 1, T, S]
-    head_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=(0, 3, 4)).reshape(n)  # [N]
+    plain = cap is None and bias is None
+    if not plain:
+        head_max = jnp.max(jnp.where(allowed, logits, -jnp.inf), axis=(0, 3, 4)).reshape(n)  # [N]
     logits = softcap(logits, cap)
     if bias is not None:
         logits = logits + bias.reshape(bias.shape[0], kv, n // kv, t, -1)
     logits = jnp.where(allowed, logits, NEG_INF)
-    probs = jnp.where(allowed, jax.nn.softmax(logits, axis=-1), 0.0)
+    row_max = jnp.max(logits, axis=-1, keepdims=True)  # [B, K, G, T, 1]
+    if plain:  # the softmax's own row max is the head max: one pass over the logits less
+        head_max = jnp.max(row_max, axis=(0, 3, 4)).reshape(n)
+        head_max = jnp.where(head_max <= NEG_INF, -jnp.inf, head_max)  # a head that sees no key at all
+    probs = jnp.where(allowed, softmax_given_max(logits, jax.lax.stop_gradient(row_max)), 0.0)
     weights = probs if dropout_fn is None else dropout_fn(probs)
     finite = jnp.isfinite(v)
     out = jnp.einsum("bkgts,bksh->bkgth", weights.astype(v.dtype), jnp.where(finite, v, 0))  # [B, K, G, T, H]
