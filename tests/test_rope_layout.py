@@ -144,3 +144,28 @@ def test_save_pretrained_writes_an_interleaved_model_in_hf_half_layout(family, t
     back_cfg, back = hf.load_pretrained(tmp_path)
     assert back_cfg.rope_layout == "half" and canonical(back_cfg) == canonical(cfg.replace(rope_layout="half"))
     np.testing.assert_allclose(Transformer(back_cfg).apply({"params": back}, TOKENS), ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["half", "interleaved"])
+def test_rope_has_the_gradients_of_the_rotation(layout):
+    """apply_rope has its own VJP (the rotation by minus the angle); it must equal autodiff through the
+    plain formula, for x and for cos and sin, with partial rotary dims passing their cotangent through."""
+    b, t, n, h, rotary = 2, 7, 3, 12, 8
+    x, g = jnp.asarray(randn(b, t, n, h)), jnp.asarray(randn(b, t, n, h))
+    angles = jnp.asarray(RNG.integers(0, 50, (b, t)))[..., None] * jnp.asarray(pos.rope_frequencies(rotary, 1e4))
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+
+    def plain(x, cos, sin):
+        rot = x[..., :rotary]
+        x1, x2 = (rot[..., :rotary // 2], rot[..., rotary // 2:]) if layout == "half" else (rot[..., 0::2],
+                                                                                             rot[..., 1::2])
+        a, c = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        out = jnp.concatenate([a, c], -1) if layout == "half" else jnp.stack([a, c], -1).reshape(rot.shape)
+        return jnp.concatenate([out, x[..., rotary:]], axis=-1)
+
+    ours = jax.vjp(lambda *a: pos._rotate(*a, layout), x, cos, sin)
+    ref = jax.vjp(plain, x, cos, sin)
+    np.testing.assert_allclose(ours[0], ref[0], atol=1e-6)
+    for got, want in zip(ours[1](g), ref[1](g), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_array_equal(ours[1](g)[0][..., rotary:], g[..., rotary:])
