@@ -3,7 +3,8 @@
 Prints step time, tokens/s and MFU for `Config()` (d_model 128, 4 layers, 4 heads, SwiGLU, RoPE, tied
 embeddings, batch 16 x 128 tokens, AdamW + global-norm clipping) and, in the same run, the same model
 written in eager PyTorch (float32, CPU, torch.set_num_threads = the cores JAX uses), plus JAX variants
-(XLA flags, bfloat16, scan, remat, a lean step, 2-D matmuls with a custom-VJP dense). Every variant runs
+(XLA flags, bfloat16, scan, remat, a lean step, 2-D matmuls with a custom-VJP dense, the batch split
+over a data mesh of one XLA:CPU host device per core). Every variant runs
 in its own worker process (XLA flags must be set before the backend starts); the workers compile once and
 then take turns, round after round, so each round times all variants back to back and the ratios are
 medians of per-round ratios. Timings on a shared machine swing: read the ratios, not the milliseconds.
@@ -49,6 +50,7 @@ class Variant:
     precision: str | None = None  # jax_default_matmul_precision
     threads: int | None = None  # torch threads; None = the cores JAX uses
     devices: int = 1  # jax: XLA:CPU host devices, the batch split over them (a data-parallel mesh)
+    plain: tuple[str, ...] = ()  # jax: custom derivatives replaced by autodiff of the same forward
 
 
 VARIANTS: dict[str, Variant] = {
@@ -87,6 +89,10 @@ VARIANTS: dict[str, Variant] = {
                            devices=2, xla_flags="--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"),
     "jax_dp2_eigen_1t": Variant("jax_dp2 + XLA_FLAGS=--xla_cpu_multi_thread_eigen=false", devices=2,
                                 xla_flags="--xla_cpu_multi_thread_eigen=false"),
+    "jax_plain_softmax": Variant("attention softmax differentiated by autodiff (its custom_jvp off: "
+                                 "what the softmax's own derivative buys)", plain=("softmax",)),
+    "jax_plain_rope": Variant("RoPE differentiated by autodiff (its custom_vjp off: what the rotation's own "
+                              "VJP buys)", plain=("rope",)),
     "jax_lean": Variant("same model + AdamW, no diagnostics (max logit, |log Z|, update ratio, finite guard)",
                         step="lean"),
     "jax_flat": Variant("lean, hand-written forward on [B*T, D] 2-D matmuls (lecture3 params)", step="flat"),
@@ -142,6 +148,7 @@ def jax_setup(v: Variant, model: str = "default"):
 
     if v.precision is not None:
         jax.config.update("jax_default_matmul_precision", v.precision)
+    use_plain_derivatives(v.plain)
     cfg = bench_config(model)
     m, tc = cfg.model.replace(**v.model), cfg.train
     mesh = sharding.make_mesh(MeshConfig(v.devices, 1, 1), jax.devices()[:v.devices])
@@ -154,6 +161,17 @@ def jax_setup(v: Variant, model: str = "default"):
     step = steps.jit_train_step(step_fn, mesh, rules, shardings)
     batch = {k: jnp.asarray(a) for k, a in make_batch(m.vocab_size, tc.batch_size, cfg.data.seq_len).items()}
     return step, state, batch, (m, tc, cfg.data.seq_len, mesh, rules)
+
+
+def use_plain_derivatives(names: tuple[str, ...]) -> None:
+    """In this worker only: the functions with their own derivative replaced by their plain forward (the
+    same maths), so autodiff differentiates it as it would without the custom rule."""
+    from lecture3.layers import attention_ops, positions
+
+    if "softmax" in names:
+        attention_ops.softmax_given_max = attention_ops.softmax_given_max.fun
+    if "rope" in names:
+        positions._rotate = positions._rotate.fun
 
 
 def lean_train_step(m, tc):
