@@ -171,7 +171,7 @@ def use_plain_derivatives(names: tuple[str, ...]) -> None:
     if "softmax" in names:
         attention_ops.softmax_given_max = attention_ops.softmax_given_max.fun
     if "rope" in names:
-        positions._rotate = positions._rotate.fun
+        positions._rotate = positions._rotation
 
 
 def lean_train_step(m, tc):
