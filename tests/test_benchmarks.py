@@ -141,3 +141,25 @@ def test_train_step_vs_torch_refuses_a_hand_written_forward_on_llama():
                            "--variants", "jax,torch,jax_flat"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "['jax_flat'] are hand-written forwards of the default model; drop them with --model llama" in proc.stderr
+
+
+def test_train_step_vs_torch_variants_do_what_they_say(monkeypatch):
+    """jax_dp2 splits the batch over a data mesh of 2 host devices; jax_plain_* replace the custom derivatives
+    by autodiff of the same forward. Each still trains the same model: the first losses equal jax's."""
+    from lecture3.layers import attention_ops, positions
+
+    bench = _load("train_step_vs_torch")
+    ref_step, ref_state, batch, _ = bench.jax_setup(bench.VARIANTS["jax"])
+    ref = [float(ref_step(ref_state, batch)[1]["loss"])]
+    custom = (attention_ops.softmax_given_max, positions._rotate)
+    for name in ("jax_dp2", "jax_plain_softmax", "jax_plain_rope"):
+        monkeypatch.setattr(attention_ops, "softmax_given_max", custom[0])  # restored after the test
+        monkeypatch.setattr(positions, "_rotate", custom[1])
+        step, state, batch, (*_, mesh, _rules) = bench.jax_setup(bench.VARIANTS[name])
+        assert mesh.shape["data"] == (2 if name == "jax_dp2" else 1), name
+        assert (attention_ops.softmax_given_max is custom[0]) == (name != "jax_plain_softmax"), name
+        assert (positions._rotate is custom[1]) == (name != "jax_plain_rope"), name
+        state, metrics = step(state, batch)
+        if name == "jax_dp2":
+            assert len(state.params["embed"].sharding.device_set) == 2
+        assert abs(float(metrics["loss"]) - ref[0]) < 1e-5, name
