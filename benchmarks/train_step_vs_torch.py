@@ -21,7 +21,7 @@ change flags or the step's options apply to it; the hand-written forwards (`jax_
     python benchmarks/train_step_vs_torch.py            # default: ~3-5 minutes on 2 cores
     python benchmarks/train_step_vs_torch.py --quick    # a smoke run: 2 rounds of 2 steps
     python benchmarks/train_step_vs_torch.py --variants jax,torch,jax_lean --hlo
-    python benchmarks/train_step_vs_torch.py --model llama --variants jax,torch,torch_sdpa,jax_ynn_dot
+    python benchmarks/train_step_vs_torch.py --model llama --variants jax,torch,torch_sdpa,jax_xla_defaults
 """
 
 from __future__ import annotations
@@ -51,11 +51,19 @@ class Variant:
     threads: int | None = None  # torch threads; None = the cores JAX uses
     devices: int = 1  # jax: XLA:CPU host devices, the batch split over them (a data-parallel mesh)
     plain: tuple[str, ...] = ()  # jax: custom derivatives replaced by autodiff of the same forward
+    # jax: which of lecture3.runtime's CPU settings the worker applies before its backend starts, as the
+    # lecture3 CLI and lecture3.train do: the XLA flag and keeping host memory ("lecture3"), the flag only
+    # ("flags"), or neither ("none": XLA's default flags and glibc's default malloc)
+    runtime: str = "lecture3"
 
 
 VARIANTS: dict[str, Variant] = {
-    "jax": Variant("lecture3 make_train_step, Config() defaults, XLA's default flags (the reference; the "
-                   "lecture3 CLI adds jax_ynn_dot's flag on CPU)"),
+    "jax": Variant("lecture3 make_train_step, Config() defaults, as lecture3 runs it on a CPU (lecture3.runtime: "
+                   "YNNPACK dot fusions, host memory kept; the reference)"),
+    "jax_xla_defaults": Variant("the same step without lecture3.runtime's settings: XLA's default flags, glibc's "
+                                "default malloc (a fresh mmap of the step's temporaries every step)", runtime="none"),
+    "jax_glibc_malloc": Variant("lecture3's XLA flag, glibc's default malloc (what keeping host memory buys)",
+                                runtime="flags"),
     "torch": Variant("same model, eager PyTorch, explicit masked softmax attention", kind="torch",
                      step="math"),
     "torch_1t": Variant("eager PyTorch, torch.set_num_threads(1)", kind="torch", step="math",
@@ -99,8 +107,8 @@ VARIANTS: dict[str, Variant] = {
     "jax_flat_vjp": Variant("jax_flat + dense with a custom VJP: dW = dot_general(x, g) contracting B*T",
                             step="flat_vjp"),
 }
-DEFAULT_VARIANTS = ("jax", "torch", "torch_1t", "torch_sdpa", "jax_ynn_dot", "jax_bf16", "jax_scan",
-                    "jax_remat_full", "jax_onednn", "jax_vec512", "jax_eigen_1t", "jax_lean", "jax_flat",
+DEFAULT_VARIANTS = ("jax", "torch", "torch_1t", "torch_sdpa", "jax_xla_defaults", "jax_glibc_malloc", "jax_bf16",
+                    "jax_scan", "jax_remat_full", "jax_onednn", "jax_vec512", "jax_eigen_1t", "jax_lean", "jax_flat",
                     "jax_flat_vjp")
 
 
@@ -317,15 +325,19 @@ def hlo_counts(step, state, batch, mesh, rules) -> dict:
 
 
 def jax_worker(name: str, steps: int, hlo: bool, model: str) -> None:
-    import jax
+    from lecture3 import runtime
 
     v = VARIANTS[name]
+    applied = runtime.cpu_defaults(keep_memory=v.runtime == "lecture3") if v.runtime != "none" else {}
+    import jax
+
     step, state, batch, (m, tc, seq_len, mesh, rules) = jax_setup(v, model)
     t0 = time.perf_counter()
     state, metrics = step(state, batch)
     jax.block_until_ready(state)
     info = {"compile_s": time.perf_counter() - t0, "tokens": tc.batch_size * seq_len,
-            "devices": len(jax.devices()), "cores": n_cores()}
+            "devices": len(jax.devices()), "cores": n_cores(), "runtime": sorted(k for k, on in applied.items() if on),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     if hlo:
         info["hlo"] = hlo_counts(step, state, batch, mesh, rules)
     for _ in range(2):
@@ -687,7 +699,7 @@ def describe(name: str, model: str) -> str:
     """The table's `what` column: on the llama comparison the torch rows are transformers' model."""
     v = VARIANTS[name]
     if model == "llama" and name == "jax":
-        return "lecture3 make_train_step, XLA's default flags"
+        return "lecture3 make_train_step, as lecture3 runs it on a CPU (lecture3.runtime)"
     if model != "llama" or v.kind != "torch":
         return v.doc
     threads = f", torch.set_num_threads({v.threads})" if v.threads else ""
@@ -713,6 +725,10 @@ def report(names, times, peaks, infos, flops_tok: float, hlo: bool, model: str =
         print(f"{n:<17}{ms:>9.1f}{tps:>10.0f}{100 * tps * flops_tok / peak:>6.1f}%{vs_jax:>13.2f}x"
               f"{vs_torch:>15.2f}x   {describe(n, model)}")
     print("speed vs X = median over rounds of (X's round median / variant's round median); > 1 is faster.")
+    print("\nas each JAX worker ran (lecture3.runtime settings it applied before its backend started; XLA_FLAGS):")
+    for n in names:
+        if "runtime" in infos[n]:
+            print(f"  {n:<17}{', '.join(infos[n]['runtime']) or 'none':<30}{infos[n]['xla_flags'] or '-'}")
     if hlo:
         print("\ncompiled step, entry computation: transposes = fusions that transpose/copy without a dot; "
               "->dot = those feeding a dot (scan: the layers are in a while body, not counted)")

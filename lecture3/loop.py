@@ -285,8 +285,9 @@ def train(config: Config, *, data: Batches | None = None, workdir: str | os.Path
         run there (`Run.stopped` says which).
     progress: the progress bar (None: `config.train.progress`).
     """
-    from lecture3 import accounting
+    from lecture3 import accounting, runtime
 
+    runtime.cpu_defaults()  # only while jax's backend has not started: a first call in a fresh process
     tcfg0 = config.train
     if progress is not None and progress != tcfg0.progress:
         config = config.replace(**{"train.progress": bool(progress)})

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from lecture3 import cli, cli_data
+from lecture3 import cli, cli_data, runtime
 from lecture3.config import Config
 from lecture3.loop import TrainingError
 
@@ -72,20 +72,20 @@ def test_any_other_error_keeps_its_traceback(exc, monkeypatch):
                                      ({"JAX_PLATFORMS": "tpu,cpu"}, False), ({"JAX_PLATFORMS": "cpu,cuda"}, True),
                                      ({"JAX_PLATFORM_NAME": "gpu"}, False)])
 def test_the_platform_is_read_from_jax_platforms(env, cpu):
-    assert cli._runs_on_cpu(env) is cpu
+    assert runtime.runs_on_cpu(env) is cpu
 
 
 def test_an_installed_accelerator_plugin_means_not_cpu(monkeypatch):
-    assert cli._runs_on_cpu({})  # this test machine: jax without plugins
+    assert runtime.runs_on_cpu({})  # this test machine: jax without plugins
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
         importlib.machinery.ModuleSpec("libtpu", None) if name == "libtpu" else real(name, *a)))
-    assert not cli._runs_on_cpu({})
+    assert not runtime.runs_on_cpu({})
 
 
 def test_the_xla_flag_only_where_jaxlib_knows_it():
-    assert cli._jaxlib_knows(cli._YNN_FLAG)  # jaxlib 0.10 has YNNPACK fusions
-    assert not cli._jaxlib_knows("xla_cpu_no_such_flag_in_any_jaxlib")
+    assert runtime.jaxlib_knows(runtime.YNN_FLAG)  # jaxlib 0.10 has YNNPACK fusions
+    assert not runtime.jaxlib_knows("xla_cpu_no_such_flag_in_any_jaxlib")
 
 
 @pytest.mark.parametrize("env,knows,set_", [
@@ -100,8 +100,10 @@ def test_xla_cpu_defaults_are_set_only_on_cpu_with_a_jaxlib_that_knows_them(env,
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(cli, "_jaxlib_knows", lambda flag: knows)
-    cli._xla_cpu_defaults()
+    monkeypatch.setattr(runtime, "jaxlib_knows", lambda flag: knows)
+    monkeypatch.setattr(runtime, "backend_started", lambda: False)
+    monkeypatch.setattr(runtime, "keep_host_memory", lambda: False)
+    runtime.cpu_defaults()
     flags = os.environ.get("XLA_FLAGS", "")
     assert ("--xla_cpu_experimental_ynn_fusion_type=dot" in flags) is set_
     assert flags.count("xla_cpu_experimental_ynn_fusion_type") == (1 if set_ or "XLA_FLAGS" in env else 0)
