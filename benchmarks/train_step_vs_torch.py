@@ -27,6 +27,7 @@ change flags or the step's options apply to it; the hand-written forwards (`jax_
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -55,13 +56,17 @@ class Variant:
     # lecture3 CLI and lecture3.train do: the XLA flag and keeping host memory ("lecture3"), the flag only
     # ("flags"), or neither ("none": XLA's default flags and glibc's default malloc)
     runtime: str = "lecture3"
+    splits: int | None = None  # jax: the forward's batch parts; None = what lecture3 picks (steps.batch_splits)
 
 
 VARIANTS: dict[str, Variant] = {
     "jax": Variant("lecture3 make_train_step, Config() defaults, as lecture3 runs it on a CPU (lecture3.runtime: "
                    "YNNPACK dot fusions, host memory kept; the reference)"),
-    "jax_xla_defaults": Variant("the same step without lecture3.runtime's settings: XLA's default flags, glibc's "
-                                "default malloc (a fresh mmap of the step's temporaries every step)", runtime="none"),
+    "jax_xla_defaults": Variant("the step without lecture3's CPU choices: one pass, XLA's default flags, glibc's "
+                                "default malloc (a fresh mmap of the step's temporaries every step); the reference "
+                                "before 2026-12-05", runtime="none", splits=1),
+    "jax_one_pass": Variant("the batch in one pass through the model (steps.make_train_step(splits=1)); lecture3 "
+                            "runs the halves side by side on a one-device CPU mesh", splits=1),
     "jax_glibc_malloc": Variant("lecture3's XLA flag, glibc's default malloc (what keeping host memory buys)",
                                 runtime="flags"),
     "torch": Variant("same model, eager PyTorch, explicit masked softmax attention", kind="torch",
@@ -107,9 +112,9 @@ VARIANTS: dict[str, Variant] = {
     "jax_flat_vjp": Variant("jax_flat + dense with a custom VJP: dW = dot_general(x, g) contracting B*T",
                             step="flat_vjp"),
 }
-DEFAULT_VARIANTS = ("jax", "torch", "torch_1t", "torch_sdpa", "jax_xla_defaults", "jax_glibc_malloc", "jax_bf16",
-                    "jax_scan", "jax_remat_full", "jax_onednn", "jax_vec512", "jax_eigen_1t", "jax_lean", "jax_flat",
-                    "jax_flat_vjp")
+DEFAULT_VARIANTS = ("jax", "torch", "torch_1t", "torch_sdpa", "jax_xla_defaults", "jax_glibc_malloc", "jax_one_pass",
+                    "jax_bf16", "jax_scan", "jax_remat_full", "jax_onednn", "jax_vec512", "jax_eigen_1t", "jax_lean",
+                    "jax_flat", "jax_flat_vjp")
 
 
 MODELS = ("default", "lecture3 Config()"), ("llama", "a small Llama vs transformers' LlamaForCausalLM")
@@ -163,12 +168,23 @@ def jax_setup(v: Variant, model: str = "default"):
     rules = sharding.axis_rules(m, mesh, tc.batch_size)
     _, shardings = steps.state_shardings(m, tc, mesh, rules)
     state = steps.init_state(m, tc, mesh, rules)
-    step_fn = {"lecture3": steps.make_train_step, "lean": lean_train_step,
+    step_fn = {"lecture3": functools.partial(steps.make_train_step, splits=batch_splits(v, m, tc, mesh)),
+               "lean": lean_train_step,
                "flat": lambda m, tc: flat_train_step(m, tc, custom_vjp=False),
                "flat_vjp": lambda m, tc: flat_train_step(m, tc, custom_vjp=True)}[v.step](m, tc)
     step = steps.jit_train_step(step_fn, mesh, rules, shardings)
     batch = {k: jnp.asarray(a) for k, a in make_batch(m.vocab_size, tc.batch_size, cfg.data.seq_len).items()}
     return step, state, batch, (m, tc, cfg.data.seq_len, mesh, rules)
+
+
+def batch_splits(v: Variant, m, tc, mesh) -> int:
+    """The forward's batch parts of variant v's step: lecture3's choice or the variant's (1 for the hand-written
+    steps, which take the batch in one pass)."""
+    from lecture3 import steps
+
+    if v.step != "lecture3":
+        return 1
+    return steps.batch_splits(m, tc, None, mesh) if v.splits is None else v.splits
 
 
 def use_plain_derivatives(names: tuple[str, ...]) -> None:
@@ -337,7 +353,7 @@ def jax_worker(name: str, steps: int, hlo: bool, model: str) -> None:
     jax.block_until_ready(state)
     info = {"compile_s": time.perf_counter() - t0, "tokens": tc.batch_size * seq_len,
             "devices": len(jax.devices()), "cores": n_cores(), "runtime": sorted(k for k, on in applied.items() if on),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "splits": batch_splits(v, m, tc, mesh)}
     if hlo:
         info["hlo"] = hlo_counts(step, state, batch, mesh, rules)
     for _ in range(2):
@@ -725,10 +741,12 @@ def report(names, times, peaks, infos, flops_tok: float, hlo: bool, model: str =
         print(f"{n:<17}{ms:>9.1f}{tps:>10.0f}{100 * tps * flops_tok / peak:>6.1f}%{vs_jax:>13.2f}x"
               f"{vs_torch:>15.2f}x   {describe(n, model)}")
     print("speed vs X = median over rounds of (X's round median / variant's round median); > 1 is faster.")
-    print("\nas each JAX worker ran (lecture3.runtime settings it applied before its backend started; XLA_FLAGS):")
+    print("\nas each JAX worker ran: the forward's batch parts; lecture3.runtime settings applied before its backend "
+          "started; XLA_FLAGS")
     for n in names:
         if "runtime" in infos[n]:
-            print(f"  {n:<17}{', '.join(infos[n]['runtime']) or 'none':<30}{infos[n]['xla_flags'] or '-'}")
+            print(f"  {n:<17}{infos[n]['splits']:<3}{', '.join(infos[n]['runtime']) or 'none':<30}"
+                  f"{infos[n]['xla_flags'] or '-'}")
     if hlo:
         print("\ncompiled step, entry computation: transposes = fusions that transpose/copy without a dot; "
               "->dot = those feeding a dot (scan: the layers are in a while body, not counted)")

@@ -7,6 +7,7 @@ The RNG of step s is `fold_in(seed_key, s)`, so a resumed run draws exactly the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -50,25 +51,71 @@ def model_inputs(cfg: ModelConfig, batch: Batch) -> dict:
     return {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
 
 
-def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: losses.LossFn, rng=None):
+def has_dropout(cfg: ModelConfig) -> bool:
+    return any(rate is not None for rate in (cfg.embed_dropout, cfg.resid_dropout, cfg.attn_dropout))
+
+
+def batch_splits(cfg: ModelConfig, train: TrainConfig, loss_fn: losses.LossFn | None, mesh: Mesh) -> int:
+    """How many independent parts the train step's forward takes the batch in (`make_train_step`'s
+    `splits`): 2 on a one-device CPU mesh, where XLA:CPU runs the two halves' ops side by side on the
+    cores (a core each for most of the step, where one batch's ops mostly wait on each other: about 1.08x
+    the step; benchmarks/train_step_vs_torch.py, variant `jax_one_pass`); else 1. Only where it cannot
+    change the maths: an even batch, no dropout (the halves would draw one mask), and no loss term that
+    reads captured activations (they would come in halves)."""
+    loss_fn = loss_from_config(train) if loss_fn is None else loss_fn
+    one_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+    ok = train.batch_size % 2 == 0 and not has_dropout(cfg) and not losses.required(loss_fn)
+    return 2 if one_cpu and ok else 1
+
+
+def _apply_in_parts(model: Transformer, params, batch: Batch, rng, names: tuple[str, ...], splits: int):
+    """The model on `splits` equal parts of the batch, independently, joined: the same logits as one pass
+    (each row's computation never sees another row) and the captured per-head max over all parts."""
+    if names != ("attn_logit_max",) or has_dropout(model.cfg):
+        raise ValueError(f"splits={splits} needs a model without dropout and no captures but attn_logit_max "
+                         f"(asked: {names}); use splits=1")
+    if batch["inputs"].shape[0] % splits:
+        raise ValueError(f"splits={splits} does not divide the batch of {batch['inputs'].shape[0]} rows")
+    size = batch["inputs"].shape[0] // splits
+    outs = []
+    for i in range(splits):
+        part = {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
+        outs.append(model.apply({"params": params}, part["inputs"], **model_inputs(model.cfg, part),
+                                deterministic=rng is None, rngs=None if rng is None else {"dropout": rng},
+                                capture=names))
+    logits = jnp.concatenate([o.logits for o in outs])
+    head_max = functools.reduce(jnp.maximum, [o.captured["attn_logit_max"] for o in outs])
+    return logits, {"attn_logit_max": head_max}
+
+
+def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: losses.LossFn, rng=None, splits: int = 1):
     """Loss, its terms, and the stability signals: largest attention logit and mean |log Z|. The model
     captures what the loss terms need (`losses.required`) plus each head's largest attention logit; the
-    terms see them, with the params, in `aux`. Returns (loss, (metrics, captured))."""
+    terms see them, with the params, in `aux`. Returns (loss, (metrics, captured)).
+
+    splits > 1: the model runs on that many parts of the batch independently (`batch_splits`); the loss
+    and every metric are still computed once, on the whole batch's logits."""
     deterministic = rng is None
     names = tuple(dict.fromkeys(("attn_logit_max", *losses.required(loss_fn))))
-    out = model.apply(
-        {"params": params}, batch["inputs"], **model_inputs(model.cfg, batch), deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": rng}, capture=names)
-    loss, metrics = losses.call(loss_fn, out.logits, batch, {"params": params, **out.captured})
+    if splits > 1:
+        logits, captured = _apply_in_parts(model, params, batch, rng, names, splits)
+    else:
+        out = model.apply(
+            {"params": params}, batch["inputs"], **model_inputs(model.cfg, batch), deterministic=deterministic,
+            rngs=None if deterministic else {"dropout": rng}, capture=names)
+        logits, captured = out.logits, out.captured
+    loss, metrics = losses.call(loss_fn, logits, batch, {"params": params, **captured})
     mask = losses.loss_mask(batch)
-    metrics["log_z_abs"] = losses.masked_mean(jnp.abs(losses.log_z(out.logits)), mask)
-    metrics["max_attn_logit"] = jnp.max(out.captured["attn_logit_max"])
-    return loss, (metrics, out.captured)
+    metrics["log_z_abs"] = losses.masked_mean(jnp.abs(losses.log_z(logits)), mask)
+    metrics["max_attn_logit"] = jnp.max(captured["attn_logit_max"])
+    return loss, (metrics, captured)
 
 
 def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: losses.LossFn | None = None,
-                    optimizer: optax.GradientTransformation | None = None) -> Callable:
+                    optimizer: optax.GradientTransformation | None = None, splits: int = 1) -> Callable:
     """The pure step. `loss_fn` defaults to the config's terms; pass your own composition to add one.
+    `splits`: the forward in that many independent parts of the batch (`batch_splits` says how many
+    lecture3 uses for a mesh); the loss, gradients and update are the same up to float rounding.
 
     The optimizer is called as `update(grads, opt_state, params, step=state.step)`: `make_optimizer`'s
     learning rate follows the train step, and an optimizer that takes no extra arguments ignores it.
@@ -89,7 +136,7 @@ def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: losses.LossFn
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(lambda p: forward_metrics(model, p, batch, loss_fn, rng), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p: forward_metrics(model, p, batch, loss_fn, rng, splits), has_aux=True)
         (loss, (metrics, captured)), grads = grad_fn(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=state.step)
         params = optax.apply_updates(state.params, updates)

@@ -147,3 +147,61 @@ def test_max_attention_logit_is_reported_for_scanned_and_unscanned_stacks():
         cfg = ModelConfig(**{**CFG.__dict__, "scan_layers": scan})
         _, hist = _run(cfg, tc, (1, 1, 1), _batches(1))
         assert hist[0]["max_attn_logit"] > 0
+
+
+def _run_split(cfg, tc, batches, splits):
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    rules = sharding.axis_rules(cfg, mesh, tc.batch_size)
+    _, shardings = steps.state_shardings(cfg, tc, mesh, rules)
+    state = steps.init_state(cfg, tc, mesh, rules)
+    step_fn = steps.make_train_step(cfg, tc, splits=splits)
+    step = steps.jit_train_step(step_fn, mesh, rules, shardings)
+    history = []
+    for b in batches:
+        state, m = step(state, b)
+        history.append({k: np.asarray(v) for k, v in m.items()})
+    return state, history, step_fn, b
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG.replace(document_mask=True, qk_norm="per_head")],
+                         ids=["gqa", "documents+qk_norm"])
+def test_the_step_in_batch_halves_trains_the_same_model(cfg):
+    tc = TrainConfig(steps=4, batch_size=8, warmup_steps=1, z_loss=1e-4, log_per_layer=True)
+    batches = _batches(4)
+    for i, b in enumerate(batches):  # two documents per row, restarting positions, so the halves carry them
+        b["segment_ids"] = np.repeat([[0] * 9 + [1] * 7], 8, axis=0).astype(np.int32) + i
+        b["positions"] = np.concatenate([np.arange(9), np.arange(7)])[None].repeat(8, 0).astype(np.int32)
+    one_state, one, one_fn, b = _run_split(cfg, tc, batches, 1)
+    two_state, two, two_fn, _ = _run_split(cfg, tc, batches, 2)
+    for key in one[0]:  # every metric, per-layer ones included
+        np.testing.assert_allclose([h[key] for h in two], [h[key] for h in one], rtol=1e-5, atol=1e-6, err_msg=key)
+    # Adam divides by sqrt(v): where a gradient is ~0, rounding moves an update by a few 1e-5 (lr is 3e-3)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, atol=5e-5), two_state.params, one_state.params)
+    # and it really is two passes: twice the forward's matmuls in the traced step
+    count = lambda fn: str(jax.make_jaxpr(fn)(one_state, b)).count("dot_general")  # noqa: E731
+    assert count(two_fn) > 1.5 * count(one_fn)
+
+
+def test_lecture3_splits_only_where_the_maths_cannot_change():
+    one = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    two = sharding.make_mesh(MeshConfig(2, 1, 1), jax.devices()[:2])
+    tc = TrainConfig(batch_size=8)
+    assert steps.batch_splits(CFG, tc, None, one) == 2
+    assert steps.batch_splits(CFG, tc, None, two) == 1  # each device already has its part
+    assert steps.batch_splits(CFG, TrainConfig(batch_size=7), None, one) == 1
+    assert steps.batch_splits(CFG.replace(resid_dropout=0.1), tc, None, one) == 1  # one mask per half
+    reads_probs = losses.needs("attn_probs")(lambda logits, batch, aux: (jnp.zeros(()), {}))
+    assert steps.batch_splits(CFG, tc, reads_probs, one) == 1
+    assert steps.batch_splits(CFG, tc, losses.parse("cross_entropy+z_loss:1e-4"), one) == 2
+
+
+def test_a_split_that_cannot_hold_says_so():
+    tc = TrainConfig(batch_size=8)
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    rules = sharding.axis_rules(CFG, mesh, 8)
+    state = steps.init_state(CFG, tc, mesh, rules)
+    batch = _batches(1)[0]
+    with pytest.raises(ValueError, match="does not divide the batch of 8 rows"):
+        jax.eval_shape(steps.make_train_step(CFG, tc, splits=3), state, batch)
+    with pytest.raises(ValueError, match="splits=2 needs a model without dropout"):
+        jax.eval_shape(steps.make_train_step(CFG.replace(resid_dropout=0.1), tc, splits=2), state, batch)
