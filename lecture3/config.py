@@ -255,6 +255,10 @@ class ModelConfig:
         return m * math.ceil(8 * self.d_model / 3 / m)
 
     @property
+    def has_dropout(self) -> bool:
+        return any(rate is not None for rate in (self.embed_dropout, self.resid_dropout, self.attn_dropout))
+
+    @property
     def has_final_norm(self) -> bool:
         """Post-norm already normalises the stream after the last block; every other position needs one."""
         return self.norm != "none" and self.norm_position != "post"

@@ -7,6 +7,7 @@ so compile time does not grow with depth; parameters then carry a leading layer 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import flax
@@ -89,6 +90,35 @@ def check_positions(positions: jax.Array, size: int) -> None:
                             f"rows (0..{size - 1}); keep positions below max_seq_len or raise it")
 
 
+def check_splits(cfg: ModelConfig, splits: int, batch: int, cache, deterministic: bool) -> None:
+    """`splits` parts of the batch through the layers: a whole number that divides the batch, in a forward
+    without a cache, where no dropout mask is drawn (the parts would draw theirs apart)."""
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 1 or batch % splits:
+        raise Lecture3Error(f"splits={splits!r} must be a positive whole number that divides the batch of {batch} "
+                            "rows; use 1 for one pass")
+    if splits > 1 and cache is not None:
+        raise Lecture3Error(f"splits={splits} is for training and scoring; decoding with a cache takes splits=1")
+    if splits > 1 and cfg.has_dropout and not deterministic:
+        raise Lecture3Error(f"splits={splits} with dropout would draw each part's masks apart; use splits=1")
+
+
+def _layers_in_parts(stack, splits: int, x, q_idx, positions, segment_ids):
+    """The layer stack on `splits` equal parts of the batch, independently (no row ever sees another), joined
+    again: the same hidden states, and the captures of every part (per-head maxima over all of them)."""
+    size = x.shape[0] // splits
+    outs = []
+    for i in range(splits):
+        part = lambda a: None if a is None else a[i * size:(i + 1) * size]  # noqa: E731, B023 - used at once
+        outs.append(stack(part(x), part(q_idx), part(positions), part(segment_ids), None))
+    x = jnp.concatenate([o[0] for o in outs])
+    captured = {}
+    for name in outs[0][2]:  # [L, B, ...] per part, but attn_logit_max [L, N]: a max over the whole batch
+        arrays = [o[2][name] for o in outs]
+        captured[name] = (functools.reduce(jnp.maximum, arrays) if name == "attn_logit_max"
+                          else jnp.concatenate(arrays, axis=1))
+    return x, captured
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
 
@@ -96,7 +126,7 @@ class Transformer(nn.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: tuple | None = None,
                  q_idx: jax.Array | None = None, deterministic: bool = True,
-                 capture: Sequence[str] | None = None):
+                 capture: Sequence[str] | None = None, splits: int = 1):
         """tokens int32[B, T] -> logits float32[B, T, V] (and the new cache when `cache` is given).
 
         capture: None (the default: nothing extra is computed) or names of `lecture3.capture.CAPTURES`;
@@ -108,6 +138,10 @@ class Transformer(nn.Module):
         token in the stream, for the causal and window masks (default 0..T-1; the cache offset when
         decoding).
 
+        splits: the layers run on that many equal parts of the batch, independently, which XLA:CPU runs side by
+        side (`lecture3.steps.batch_splits`); the embedding, final norm and head see the whole batch. The same
+        logits and captures up to float rounding. Not with a cache, nor with dropout drawing masks.
+
         With `position="learned"`, a position outside [0, max_seq_len) raises `Lecture3Error` when the
         positions are concrete (eager `apply`); under `jit` their values are unknown, so they are clipped
         into the table (the last row serves every position past it).
@@ -116,6 +150,7 @@ class Transformer(nn.Module):
         names = () if capture is None else capture_names.check(capture)
         layer_names = tuple(n for n in names if n in capture_names.PER_LAYER)
         b, t = tokens.shape
+        check_splits(cfg, splits, b, cache, deterministic)
         if cfg.position == "learned" and t > cfg.max_seq_len:
             raise Lecture3Error(f"sequence length {t} is longer than max_seq_len={cfg.max_seq_len}, the learned "
                                 "position table; shorten the sequences or raise max_seq_len")
@@ -154,19 +189,28 @@ class Transformer(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=groups,
                 metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, (cache, per_slot) = scanned(cfg, deterministic, layer_names, name="layers")(
-                x, cache, q_idx, positions, segment_ids, rel_table)
-            captured = _interleave_scanned(per_slot)
+            )(cfg, deterministic, layer_names, name="layers")
+
+            def stack(x, q_idx, positions, segment_ids, cache):
+                x, (cache, per_slot) = scanned(x, cache, q_idx, positions, segment_ids, rel_table)
+                return x, cache, _interleave_scanned(per_slot)
         else:
-            block, new, per_layer = block_class(cfg, scanned=False), [], []
-            for layer in range(cfg.n_layers):
-                x, c, cap = block(cfg, cfg.window(layer), deterministic, layer_names, name=f"layer_{layer}")(
-                    x, q_idx, positions, segment_ids, rel_table, None if cache is None else cache[layer])
-                new.append(c)
-                per_layer.append(cap)
-            cache = None if cache is None else tuple(new)
-            captured = _stack_captured(per_layer)
+            blocks = [block_class(cfg, scanned=False)(cfg, cfg.window(layer), deterministic, layer_names,
+                                                      name=f"layer_{layer}") for layer in range(cfg.n_layers)]
+
+            def stack(x, q_idx, positions, segment_ids, cache):
+                new, per_layer = [], []
+                for layer, block in enumerate(blocks):
+                    c = None if cache is None else cache[layer]
+                    x, c, cap = block(x, q_idx, positions, segment_ids, rel_table, c)
+                    new.append(c)
+                    per_layer.append(cap)
+                return x, None if cache is None else tuple(new), _stack_captured(per_layer)
+
+        if splits == 1:
+            x, cache, captured = stack(x, q_idx, positions, segment_ids, cache)
+        else:
+            x, captured = _layers_in_parts(stack, splits, x, q_idx, positions, segment_ids)
 
         if cfg.has_final_norm:
             x = Norm(cfg, name="final_norm")(x)

@@ -7,7 +7,6 @@ The RNG of step s is `fold_in(seed_key, s)`, so a resumed run draws exactly the 
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -51,64 +50,32 @@ def model_inputs(cfg: ModelConfig, batch: Batch) -> dict:
     return {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
 
 
-def has_dropout(cfg: ModelConfig) -> bool:
-    return any(rate is not None for rate in (cfg.embed_dropout, cfg.resid_dropout, cfg.attn_dropout))
-
-
 def batch_splits(cfg: ModelConfig, train: TrainConfig, loss_fn: losses.LossFn | None, mesh: Mesh) -> int:
-    """How many independent parts the train step's forward takes the batch in (`make_train_step`'s
-    `splits`): 2 on a one-device CPU mesh, where XLA:CPU runs the two halves' ops side by side on the
-    cores (a core each for most of the step, where one batch's ops mostly wait on each other: about 1.08x
-    the step; benchmarks/train_step_vs_torch.py, variant `jax_one_pass`); else 1. Only where it cannot
-    change the maths: an even batch, no dropout (the halves would draw one mask), and no loss term that
-    reads captured activations (they would come in halves)."""
-    loss_fn = loss_from_config(train) if loss_fn is None else loss_fn
+    """How many independent parts of the batch the train step's layers take (`make_train_step`'s `splits`,
+    `Transformer`'s): 2 on a one-device CPU mesh, where XLA:CPU runs the two halves' ops side by side on
+    the cores (about 1.08x the step of the default model; benchmarks/train_step_vs_torch.py, variant
+    `jax_one_pass`); else 1. Only where it cannot change the maths: an even batch and no dropout (the
+    halves would draw their masks apart). `loss_fn` is not consulted: captures come whole either way."""
+    del loss_fn
     one_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
-    ok = train.batch_size % 2 == 0 and not has_dropout(cfg) and not losses.required(loss_fn)
-    return 2 if one_cpu and ok else 1
-
-
-def _apply_in_parts(model: Transformer, params, batch: Batch, rng, names: tuple[str, ...], splits: int):
-    """The model on `splits` equal parts of the batch, independently, joined: the same logits as one pass
-    (each row's computation never sees another row) and the captured per-head max over all parts."""
-    if names != ("attn_logit_max",) or has_dropout(model.cfg):
-        raise ValueError(f"splits={splits} needs a model without dropout and no captures but attn_logit_max "
-                         f"(asked: {names}); use splits=1")
-    if batch["inputs"].shape[0] % splits:
-        raise ValueError(f"splits={splits} does not divide the batch of {batch['inputs'].shape[0]} rows")
-    size = batch["inputs"].shape[0] // splits
-    outs = []
-    for i in range(splits):
-        part = {k: v[i * size:(i + 1) * size] for k, v in batch.items()}
-        outs.append(model.apply({"params": params}, part["inputs"], **model_inputs(model.cfg, part),
-                                deterministic=rng is None, rngs=None if rng is None else {"dropout": rng},
-                                capture=names))
-    logits = jnp.concatenate([o.logits for o in outs])
-    head_max = functools.reduce(jnp.maximum, [o.captured["attn_logit_max"] for o in outs])
-    return logits, {"attn_logit_max": head_max}
+    return 2 if one_cpu and train.batch_size % 2 == 0 and not cfg.has_dropout else 1
 
 
 def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: losses.LossFn, rng=None, splits: int = 1):
     """Loss, its terms, and the stability signals: largest attention logit and mean |log Z|. The model
     captures what the loss terms need (`losses.required`) plus each head's largest attention logit; the
     terms see them, with the params, in `aux`. Returns (loss, (metrics, captured)).
-
-    splits > 1: the model runs on that many parts of the batch independently (`batch_splits`); the loss
-    and every metric are still computed once, on the whole batch's logits."""
+    `splits`: the layers take the batch in that many independent parts (`Transformer`'s `splits`)."""
     deterministic = rng is None
     names = tuple(dict.fromkeys(("attn_logit_max", *losses.required(loss_fn))))
-    if splits > 1:
-        logits, captured = _apply_in_parts(model, params, batch, rng, names, splits)
-    else:
-        out = model.apply(
-            {"params": params}, batch["inputs"], **model_inputs(model.cfg, batch), deterministic=deterministic,
-            rngs=None if deterministic else {"dropout": rng}, capture=names)
-        logits, captured = out.logits, out.captured
-    loss, metrics = losses.call(loss_fn, logits, batch, {"params": params, **captured})
+    out = model.apply(
+        {"params": params}, batch["inputs"], **model_inputs(model.cfg, batch), deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng}, capture=names, splits=splits)
+    loss, metrics = losses.call(loss_fn, out.logits, batch, {"params": params, **out.captured})
     mask = losses.loss_mask(batch)
-    metrics["log_z_abs"] = losses.masked_mean(jnp.abs(losses.log_z(logits)), mask)
-    metrics["max_attn_logit"] = jnp.max(captured["attn_logit_max"])
-    return loss, (metrics, captured)
+    metrics["log_z_abs"] = losses.masked_mean(jnp.abs(losses.log_z(out.logits)), mask)
+    metrics["max_attn_logit"] = jnp.max(out.captured["attn_logit_max"])
+    return loss, (metrics, out.captured)
 
 
 def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: losses.LossFn | None = None,

@@ -118,3 +118,24 @@ def test_capture_off_adds_nothing_to_the_program():
 def test_unknown_capture_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown capture name"):
         Transformer(CFG).apply({"params": _params(CFG)}, TOKENS, capture=("attention",))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned"])
+def test_the_layers_in_batch_parts_give_the_same_logits_and_captures(scan):
+    cfg = CFG.replace(n_layers=4, scan_layers=scan, document_mask=True)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 61, (4, 7)), jnp.int32)
+    segments = jnp.asarray([[0] * 3 + [1] * 4] * 2 + [[0] * 5 + [1] * 2] * 2, jnp.int32)
+    params = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), tokens)["params"])
+
+    def run(splits):
+        return Transformer(cfg).apply({"params": params}, tokens, segment_ids=segments, capture=tuple(CAPTURES),
+                                      splits=splits)
+
+    one, two = run(1), run(2)
+    np.testing.assert_allclose(two.logits, one.logits, rtol=1e-5, atol=1e-5)
+    for name in CAPTURES:  # each capture whole: batch rows in order, the per-head max over every row
+        assert two.captured[name].shape == one.captured[name].shape, name
+        np.testing.assert_allclose(two.captured[name], one.captured[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    count = lambda s: str(jax.make_jaxpr(lambda p: Transformer(cfg).apply({"params": p}, tokens, splits=s))(  # noqa: E731
+        params)).count("dot_general")
+    assert count(2) > count(1)  # the layers really ran once per part
