@@ -79,15 +79,23 @@ def _glibc_mallopt():
     return mallopt
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity: a worker pinned to one core has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def backend_started() -> bool:
     """Whether jax's backends are up in this process (False when jax is not even imported)."""
     import sys
 
     if "jax" not in sys.modules:
         return False
-    from jax._src import xla_bridge
-
-    return xla_bridge.backends_are_initialized()
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # a jax that moved it: then the settings are made and simply do nothing if too late
+        return False
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started()) if started is not None else False
 
 
 def runs_on_cpu(environ: typing.Mapping[str, str]) -> bool:

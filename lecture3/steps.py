@@ -18,7 +18,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lecture3 import diagnostics, losses
+from lecture3 import diagnostics, losses, runtime
 from lecture3.config import ModelConfig, TrainConfig
 from lecture3.model import Transformer
 from lecture3.optim import make_optimizer, schedule
@@ -52,12 +52,12 @@ def model_inputs(cfg: ModelConfig, batch: Batch) -> dict:
 
 def batch_splits(cfg: ModelConfig, train: TrainConfig, loss_fn: losses.LossFn | None, mesh: Mesh) -> int:
     """How many independent parts of the batch the train step's layers take (`make_train_step`'s `splits`,
-    `Transformer`'s): 2 on a one-device CPU mesh, where XLA:CPU runs the two halves' ops side by side on
-    the cores (about 1.08x the step of the default model; benchmarks/train_step_vs_torch.py, variant
+    `Transformer`'s): 2 on a one-device CPU mesh with two or more cores, where XLA:CPU runs the two halves'
+    ops side by side on the cores (about 1.08x the step of the default model; benchmarks/train_step_vs_torch.py, variant
     `jax_one_pass`); else 1. Only where it cannot change the maths: an even batch and no dropout (the
     halves would draw their masks apart). `loss_fn` is not consulted: captures come whole either way."""
     del loss_fn
-    one_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
+    one_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu" and runtime.cpu_cores() >= 2
     return 2 if one_cpu and train.batch_size % 2 == 0 and not cfg.has_dropout else 1
 
 

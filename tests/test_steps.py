@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lecture3 import losses, sharding, steps
+from lecture3 import losses, runtime, sharding, steps
 from lecture3.config import MeshConfig, ModelConfig, TrainConfig
 from lecture3.errors import Lecture3Error
 from lecture3.optim import schedule
@@ -183,7 +183,8 @@ def test_the_step_in_batch_halves_trains_the_same_model(cfg):
     assert count(two_fn) > 1.5 * count(one_fn)
 
 
-def test_lecture3_splits_only_where_the_maths_cannot_change():
+def test_lecture3_splits_only_where_the_maths_cannot_change(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 2)
     one = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     two = sharding.make_mesh(MeshConfig(2, 1, 1), jax.devices()[:2])
     tc = TrainConfig(batch_size=8)
@@ -193,6 +194,8 @@ def test_lecture3_splits_only_where_the_maths_cannot_change():
     assert steps.batch_splits(CFG.replace(resid_dropout=0.1), tc, None, one) == 1  # one mask per half
     reads_probs = losses.needs("attn_probs")(lambda logits, batch, aux: (jnp.zeros(()), {}))
     assert steps.batch_splits(CFG, tc, reads_probs, one) == 2  # the model joins the captures of the halves
+    monkeypatch.setattr(runtime, "cpu_cores", lambda: 1)
+    assert steps.batch_splits(CFG, tc, None, one) == 1  # a worker pinned to one core: nothing to run side by side
 
 
 def test_a_split_that_cannot_hold_says_so():

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lecture3 import runtime
 from lecture3.errors import Lecture3Error
 from lecture3.experiment import protocol, records
 from lecture3.experiment.spec import Claim, Results, RunSpec
@@ -186,8 +187,7 @@ def default_jobs() -> int:
 
     if jax.devices()[0].platform != "cpu":
         return 1
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, n)
+    return max(1, runtime.cpu_cores())
 
 
 ENGINES = ("auto", "processes", "population", "inline")
