@@ -40,7 +40,7 @@ def compile_once(n_layers: int, scan: bool) -> tuple[float, float]:
     data = sharding.batch_sharding(mesh, rules)
     tokens = jax.ShapeDtypeStruct((train.batch_size, seq_len), jax.numpy.int32, sharding=data)
     batch = {"inputs": tokens, "targets": tokens}
-    splits = steps.batch_splits(model, train, None, mesh)  # the step lecture3 runs on this mesh
+    splits = steps.batch_splits(model, train, mesh)  # the step lecture3 runs on this mesh
     step = steps.jit_train_step(steps.make_train_step(model, train, splits=splits), mesh, rules, shardings)
     jax.clear_caches()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # as the step runs: the activation constraints apply
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = Config()
     mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-    print(f"the layers take the batch in {steps.batch_splits(cfg.model, cfg.train, None, mesh)} part(s), "
+    print(f"the layers take the batch in {steps.batch_splits(cfg.model, cfg.train, mesh)} part(s), "
           "as lecture3 train does on this one-device mesh (steps.batch_splits)")
     if args.warmup:
         t0 = time.perf_counter()

@@ -184,7 +184,7 @@ def batch_splits(v: Variant, m, tc, mesh) -> int:
 
     if v.step != "lecture3":
         return 1
-    return steps.batch_splits(m, tc, None, mesh) if v.splits is None else v.splits
+    return steps.batch_splits(m, tc, mesh) if v.splits is None else v.splits
 
 
 def use_plain_derivatives(names: tuple[str, ...]) -> None:

@@ -326,7 +326,7 @@ def train(config: Config, *, data: Batches | None = None, workdir: str | os.Path
     rules = sharding.axis_rules(mcfg, mesh, tcfg.batch_size)
     optimizer = steps.make_optimizer(tcfg) if optimizer is None else optimizer
     abstract, shardings = steps.state_shardings(mcfg, tcfg, mesh, rules, optimizer)
-    splits = steps.batch_splits(mcfg, tcfg, loss_fn, mesh)
+    splits = steps.batch_splits(mcfg, tcfg, mesh)
     step_fn = steps.jit_train_step(steps.make_train_step(mcfg, tcfg, loss_fn, optimizer, splits), mesh, rules,
                                    shardings)
     eval_fn = steps.jit_eval_step(steps.make_eval_step(mcfg), mesh, rules, shardings.params)

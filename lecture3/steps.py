@@ -50,13 +50,12 @@ def model_inputs(cfg: ModelConfig, batch: Batch) -> dict:
     return {"positions": batch.get("positions"), "segment_ids": batch.get("segment_ids")}
 
 
-def batch_splits(cfg: ModelConfig, train: TrainConfig, loss_fn: losses.LossFn | None, mesh: Mesh) -> int:
+def batch_splits(cfg: ModelConfig, train: TrainConfig, mesh: Mesh) -> int:
     """How many independent parts of the batch the train step's layers take (`make_train_step`'s `splits`,
     `Transformer`'s): 2 on a one-device CPU mesh with two or more cores, where XLA:CPU runs the two halves'
-    ops side by side on the cores (about 1.08x the step of the default model; benchmarks/train_step_vs_torch.py, variant
-    `jax_one_pass`); else 1. Only where it cannot change the maths: an even batch and no dropout (the
-    halves would draw their masks apart). `loss_fn` is not consulted: captures come whole either way."""
-    del loss_fn
+    ops side by side on the cores (1.08-1.13x the step of the default model; benchmarks/train_step_vs_torch.py,
+    variant `jax_one_pass`); else 1. Only where it cannot change the maths: an even batch and no dropout (the
+    halves would draw their masks apart). Any loss term may run: the model joins the halves' captures."""
     one_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu" and runtime.cpu_cores() >= 2
     return 2 if one_cpu and train.batch_size % 2 == 0 and not cfg.has_dropout else 1
 

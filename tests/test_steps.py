@@ -188,14 +188,12 @@ def test_lecture3_splits_only_where_the_maths_cannot_change(monkeypatch):
     one = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
     two = sharding.make_mesh(MeshConfig(2, 1, 1), jax.devices()[:2])
     tc = TrainConfig(batch_size=8)
-    assert steps.batch_splits(CFG, tc, None, one) == 2
-    assert steps.batch_splits(CFG, tc, None, two) == 1  # each device already has its part
-    assert steps.batch_splits(CFG, TrainConfig(batch_size=7), None, one) == 1
-    assert steps.batch_splits(CFG.replace(resid_dropout=0.1), tc, None, one) == 1  # one mask per half
-    reads_probs = losses.needs("attn_probs")(lambda logits, batch, aux: (jnp.zeros(()), {}))
-    assert steps.batch_splits(CFG, tc, reads_probs, one) == 2  # the model joins the captures of the halves
+    assert steps.batch_splits(CFG, tc, one) == 2
+    assert steps.batch_splits(CFG, tc, two) == 1  # each device already has its part
+    assert steps.batch_splits(CFG, TrainConfig(batch_size=7), one) == 1
+    assert steps.batch_splits(CFG.replace(resid_dropout=0.1), tc, one) == 1  # one mask per half
     monkeypatch.setattr(runtime, "cpu_cores", lambda: 1)
-    assert steps.batch_splits(CFG, tc, None, one) == 1  # a worker pinned to one core: nothing to run side by side
+    assert steps.batch_splits(CFG, tc, one) == 1  # a worker pinned to one core: nothing to run side by side
 
 
 def test_a_split_that_cannot_hold_says_so():
