@@ -340,11 +340,16 @@ def hlo_counts(step, state, batch, mesh, rules) -> dict:
     return out
 
 
-def jax_worker(name: str, steps: int, hlo: bool, model: str) -> None:
+def apply_runtime(v: Variant) -> dict[str, bool]:
+    """lecture3.runtime's CPU settings as variant v asks (before the worker's backend starts): what was applied."""
     from lecture3 import runtime
 
+    return runtime.cpu_defaults(keep_memory=v.runtime == "lecture3") if v.runtime != "none" else {}
+
+
+def jax_worker(name: str, steps: int, hlo: bool, model: str) -> None:
     v = VARIANTS[name]
-    applied = runtime.cpu_defaults(keep_memory=v.runtime == "lecture3") if v.runtime != "none" else {}
+    applied = apply_runtime(v)
     import jax
 
     step, state, batch, (m, tc, seq_len, mesh, rules) = jax_setup(v, model)

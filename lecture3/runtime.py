@@ -36,14 +36,14 @@ def enabled(environ: typing.Mapping[str, str] = os.environ) -> bool:
     return environ.get("LECTURE3_XLA_DEFAULTS", "1") != "0"
 
 
-def cpu_defaults(xla_flags: bool = True, keep_memory: bool = True) -> dict[str, bool]:
+def cpu_defaults(keep_memory: bool = True) -> dict[str, bool]:
     """Apply lecture3's CPU settings when the run will be on a CPU and jax's backend has not started
     (after that they would no longer reach XLA's threads). Returns what was applied, by name."""
     applied = {"xla_flags": False, "keep_host_memory": False}
     if not enabled() or not runs_on_cpu(os.environ) or backend_started():
         return applied
     current = os.environ.get("XLA_FLAGS", "")
-    if xla_flags and YNN_FLAG not in current and jaxlib_knows(YNN_FLAG):
+    if YNN_FLAG not in current and jaxlib_knows(YNN_FLAG):
         os.environ["XLA_FLAGS"] = f"{current} --{YNN_FLAG}=dot".strip()
         applied["xla_flags"] = True
     applied["keep_host_memory"] = keep_memory and keep_host_memory()

@@ -166,3 +166,16 @@ def test_train_step_vs_torch_variants_do_what_they_say(monkeypatch):
         if name == "jax_dp2":
             assert len(state.params["embed"].sharding.device_set) == 2
         assert abs(float(metrics["loss"]) - ref[0]) < 1e-5, name
+
+
+@pytest.mark.parametrize("name,call", [("jax", {"keep_memory": True}), ("jax_glibc_malloc", {"keep_memory": False}),
+                                       ("jax_xla_defaults", None)])
+def test_train_step_vs_torch_workers_apply_the_runtime_their_variant_names(name, call, monkeypatch):
+    from lecture3 import runtime
+
+    bench = _load("train_step_vs_torch")
+    calls = []
+    monkeypatch.setattr(runtime, "cpu_defaults", lambda **kw: calls.append(kw) or {"xla_flags": True})
+    applied = bench.apply_runtime(bench.VARIANTS[name])
+    assert calls == ([] if call is None else [call])
+    assert applied == ({} if call is None else {"xla_flags": True})

@@ -139,3 +139,13 @@ def test_the_layers_in_batch_parts_give_the_same_logits_and_captures(scan):
     count = lambda s: str(jax.make_jaxpr(lambda p: Transformer(cfg).apply({"params": p}, tokens, splits=s))(  # noqa: E731
         params)).count("dot_general")
     assert count(2) > count(1)  # the layers really ran once per part
+
+
+def test_a_split_with_a_cache_is_refused():
+    from lecture3.errors import Lecture3Error
+    from lecture3.layers.kv_cache import init_cache
+
+    params = _params(CFG)
+    cache = init_cache(CFG, 2, 16)
+    with pytest.raises(Lecture3Error, match="decoding with a cache takes splits=1"):
+        Transformer(CFG).apply({"params": params}, TOKENS, cache=cache, splits=2)
