@@ -1,40 +1,92 @@
-"""Building blocks of the claims' criteria: each returns (passed, detail) or (None, why) when the runs it
-needs are not all recorded, so a criterion is judged only on complete evidence."""
+"""Building blocks of the claims' criteria (protocol v2). Each returns an outcome tuple
+`(outcome, detail, comparisons)`: outcome "pass" / "fail" / "inconclusive", or None while the runs it
+needs are not all recorded, so a criterion is judged only on complete evidence; `criterion()` turns one
+into a `Criterion`.
+
+    compare(results, a, b, "better")                     A vs B paired by seed (final loss)
+    compare(results, a, b, "equivalent", best_lr=True)   each arm at its own best LR
+    compare_values(a_by_seed, b_by_seed, "not_worse")    any per-seed quantity
+    compare_diffs(d_by_seed, "better")                   a per-seed difference against 0
+    check(ok, detail)                                    a deterministic criterion: pass or fail
+    all_of([...])                                        several statements that must each pass
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
 
 from lecture3.experiment import stats
 from lecture3.experiment.spec import Criterion, Results
 
-
-def criterion(name: str, text: str, outcome: tuple[bool | None, str]) -> Criterion:
-    return Criterion(name, text, outcome[0], outcome[1])
+Outcome = tuple  # (str | None, str, tuple[(label, stats.Paired), ...])
 
 
-def missing(what: str = "") -> tuple[None, str]:
-    return None, f"runs missing{': ' + what if what else ''}"
+def criterion(name: str, text: str, outcome: Outcome) -> Criterion:
+    result, detail, *rest = outcome
+    return Criterion(name, text, result, detail, tuple(rest[0]) if rest else ())
 
 
-def _label(tags: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in tags.items())
+def missing(what: str = "") -> Outcome:
+    return None, f"runs missing{': ' + what if what else ''}", ()
 
 
-def compare_at_best_lr(results: Results, a: dict, b: dict) -> stats.Comparison | None:
-    """A vs B, each at its own best LR (the protocol's rule), or None while runs are missing."""
-    la, lb = results.best_lr(**a), results.best_lr(**b)
-    if la is None or lb is None:
-        return None
-    return stats.compare(results.values(lr=la, **a), results.values(lr=lb, **b))
+def check(ok: bool, detail: str) -> Outcome:
+    """A deterministic criterion (a count, a ratio, "in every seed"): pass or fail, never inconclusive."""
+    return ("pass" if ok else "fail"), detail, ()
 
 
-def equal_at_best_lr(results: Results, a: dict, b: dict, allowed=("equal",)) -> tuple[bool | None, str]:
-    """A's verdict against B at each one's best LR is one of `allowed` (default: equal)."""
-    c = compare_at_best_lr(results, a, b)
-    if c is None:
+def _label(tags: Mapping) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in tags.items())
+
+
+def compare_values(a: Mapping, b: Mapping, kind: str, *, margin: float | None = None,
+                   margin_fraction: float = stats.MARGIN_FRACTION, unit: str = "nats",
+                   label: str = "A − B") -> Outcome:
+    """A vs B paired by seed (seed -> value), with the rule of `kind`; missing while either is empty."""
+    if not a or not b:
         return missing()
-    return (c.verdict in allowed,
-            f"best LR {_label(a)}: {results.best_lr(**a):g}, {_label(b)}: {results.best_lr(**b):g}; "
-            f"A − B: {c}")
+    p = stats.paired(a, b, kind, margin=margin, margin_fraction=margin_fraction, unit=unit, label=label)
+    return p.outcome, str(p), ((label, p),)
+
+
+def compare_diffs(diffs: Mapping, kind: str, *, margin: float = 0.0, reference: float = math.nan,
+                  unit: str = "nats", label: str = "d") -> Outcome:
+    """A per-seed quantity against 0 with the rule of `kind` (e.g. a difference of gaps)."""
+    if not diffs:
+        return missing()
+    p = stats.of_diffs(diffs, kind, margin=margin, reference=reference, unit=unit, label=label)
+    return p.outcome, str(p), ((label, p),)
+
+
+def compare(results: Results, a: dict, b: dict, kind: str, *, key: str = "final_loss", best_lr: bool = False,
+            margin: float | None = None, margin_fraction: float = stats.MARGIN_FRACTION, unit: str = "nats",
+            label: str | None = None) -> Outcome:
+    """Arm `a` against arm `b` (tags), paired by seed; with `best_lr` each at its own best LR of the grid."""
+    if not (results.full(**a) and results.full(**b)):
+        return missing(f"{_label(a)} or {_label(b)}")
+    prefix = ""
+    if best_lr:
+        la, lb = results.best_lr(**a), results.best_lr(**b)
+        if la is None or lb is None:
+            return missing()
+        prefix = f"best LR {_label(a)}: {la:g}, {_label(b)}: {lb:g}; "
+        a, b = {**a, "lr": la}, {**b, "lr": lb}
+    label = label or f"[{_label(a)}] − [{_label(b)}]"
+    out, detail, comps = compare_values(results.by_seed(key, **a), results.by_seed(key, **b), kind, margin=margin,
+                                        margin_fraction=margin_fraction, unit=unit, label=label)
+    return out, prefix + detail, comps
+
+
+def all_of(parts: Sequence[Outcome]) -> Outcome:
+    """Several statements that must each pass: fail if any fails, pass if all pass, else inconclusive."""
+    outs = [p[0] for p in parts]
+    detail = "; ".join(p[1] for p in parts)
+    comps = tuple(c for p in parts for c in (p[2] if len(p) > 2 else ()))
+    if any(o is None for o in outs):
+        return None, detail, comps
+    result = "fail" if "fail" in outs else "pass" if all(o == "pass" for o in outs) else "inconclusive"
+    return result, detail, comps
 
 
 def mean_sensitivity(results: Results, **tags) -> float | None:
@@ -48,6 +100,15 @@ def sensitivity_table(results: Results, arms: dict[str, dict]) -> dict[str, dict
     if not all(results.full(**tags) for tags in arms.values()):
         return None
     return {name: results.sensitivity_per_seed(**tags) for name, tags in arms.items()}
+
+
+def compare_sensitivity(results: Results, a: dict, b: dict, kind: str, *, margin: float = 0.0,
+                        label: str = "sensitivity A − B") -> Outcome:
+    """LR sensitivity (nats, per seed over the arm's LR grid) of arm `a` against arm `b`, paired by seed."""
+    table = sensitivity_table(results, {"a": a, "b": b})
+    if table is None:
+        return missing()
+    return compare_values(table["a"], table["b"], kind, margin=margin, label=label)
 
 
 def fmt_per_seed(values: dict[int, float]) -> str:

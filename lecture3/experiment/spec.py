@@ -69,12 +69,15 @@ class RunSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Criterion:
-    """One pre-registered criterion, judged: `passed` is None when the runs it needs are missing."""
+    """One pre-registered criterion, judged: `outcome` is "pass", "fail" or "inconclusive" (protocol v2),
+    None when the runs it needs are missing. `comparisons` are the paired comparisons behind it, each
+    labelled, for the report and the suite's summary plot."""
 
     name: str  # "(a)"
     text: str  # the criterion in words, with its numbers
-    passed: bool | None
+    outcome: str | None
     detail: str  # the measured numbers behind the decision
+    comparisons: tuple = ()  # (label, stats.Paired) pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +93,9 @@ class Claim:
     setup: str = ""  # the choices the protocol left open, as made by this claim
     observations: Callable[[Results], list[str]] = lambda results: []
     key_number: Callable[[Results], str] = lambda results: ""
+    # the tags of the claim's baseline arm (protocol v2: at its best LR it must end below the count bigram,
+    # or the claim is inconclusive, under-trained); a tag `lr` absent here means "at the arm's best LR"
+    baseline: dict = dataclasses.field(default_factory=dict)
 
     @property
     def short(self) -> str:
@@ -140,6 +146,17 @@ class Results:
                 if v is not None and v not in seen:
                     seen.append(v)
         return seen
+
+    def by_seed(self, key: str = "final_loss", measure: str = "train", **tags) -> dict[int, float]:
+        """seed -> value of `key` for the runs matching `tags` (one run per seed): what a paired
+        comparison takes."""
+        out = {}
+        for s, r in self.select(measure, **tags):
+            seed = s.tags.get("seed", 0)
+            if seed in out:
+                raise ValueError(f"two runs with seed {seed} match {tags}: name more tags")
+            out[seed] = r["result"][key]
+        return dict(sorted(out.items()))
 
     def by_lr(self, key: str = "final_loss", **tags) -> dict[float, list[float]]:
         return {lr: self.values(key, lr=lr, **tags) for lr in self.tag_values("lr", **tags)}
