@@ -1,7 +1,8 @@
 """The process lecture3 runs in, on a CPU: settings that must be made before jax's backend starts.
 
-`cpu_defaults()` is what the `lecture3` command does first, and what `lecture3.train` does when it is the
-first to touch jax in a process. On a CPU backend it
+`cpu_defaults()` is what the `lecture3` command and the experiment workers do first. Library code
+(`lecture3.train` included) never calls it: a notebook that wants the same speed opts in with one call,
+`lecture3.runtime.cpu_defaults()`, before anything starts jax. On a CPU backend it
 
   - lets XLA fuse matmuls through YNNPACK (`--xla_cpu_experimental_ynn_fusion_type=dot`), where the
     installed jaxlib knows the flag;
@@ -32,6 +33,15 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
 KEEP = {M_ARENA_MAX: 1, M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2 ** 31 - 1}
 
 
+# What `cpu_defaults` applied in this process (records state it: `experiment.records.environment`).
+_applied = {"xla_flags": False, "keep_host_memory": False}
+
+
+def applied() -> dict[str, bool]:
+    """The settings `cpu_defaults` applied in this process so far, by name."""
+    return dict(_applied)
+
+
 def enabled(environ: typing.Mapping[str, str] = os.environ) -> bool:
     return environ.get("LECTURE3_XLA_DEFAULTS", "1") != "0"
 
@@ -47,6 +57,7 @@ def cpu_defaults(keep_memory: bool = True) -> dict[str, bool]:
         os.environ["XLA_FLAGS"] = f"{current} --{YNN_FLAG}=dot".strip()
         applied["xla_flags"] = True
     applied["keep_host_memory"] = keep_memory and keep_host_memory()
+    _applied.update({k: v for k, v in applied.items() if v})
     return applied
 
 
