@@ -33,6 +33,13 @@ def run_data(args: argparse.Namespace) -> int:
                  (f"{role} bytes/token", f"{s['bytes_per_token']:.3f}"),
                  (f"{role} invalid UTF-8", f"{s['invalid_utf8_replaced']:,} replaced")]
     rows.append(("validation sequences", f"{stats['validation_sequences']} of {cfg.seq_len + 1} tokens"))
+    cov = stats["validation_coverage"]
+    rows.append(("validation coverage", f"{100 * cov['token_share']:.1f}% of the split's tokens; "
+                 f"{cov['documents_touched']} of {cov['documents']} documents, {cov['long_documents_touched']} of "
+                 f"the {cov['long_documents']} longer than one row"))
+    docs = stats["batch_documents"]
+    rows.append(("documents per batch", "not tracked for a streamed source" if docs is None else
+                 f"{docs:.1f} distinct in a batch of 16 rows (mean over 100 batches)"))
     rows.append(("time", f"{time.perf_counter() - start:.1f} s"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -3,7 +3,6 @@
 Every test builds its data from a few small files it writes itself; one test reads the stdlib.
 """
 
-import collections
 import dataclasses
 import os
 import random
@@ -56,29 +55,6 @@ def batches(it, n):
 
 def same(a, b):
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-
-
-def stream(cfg, batch_size=1, **kwargs):
-    """Every real token the iterator yields, in order (rows = inputs + the last target, padding dropped)."""
-    out = []
-    for b in make_train_iterator(cfg, batch_size, **kwargs):
-        for inputs, targets, seg, mask in zip(b["inputs"], b["targets"], b["segment_ids"], b["loss_mask"],
-                                              strict=True):
-            out += inputs[seg > 0].tolist() + ([int(targets[-1])] if mask[-1] else [])
-    return out
-
-
-def documents_of(tokens, tok):
-    """The texts of a token stream split at <eod>."""
-    docs, current = [], []
-    for t in tokens:
-        if t == tok.eos_id:
-            docs.append(tok.decode(current))
-            current = []
-        else:
-            current.append(t)
-    assert not current, "the stream must end with <eod>"
-    return docs
 
 
 def texts(cfg, role):
@@ -183,6 +159,11 @@ def test_batches_have_the_promised_layout(cfg):
         "positions": ((4, SEQ), np.int32), "loss_mask": ((4, SEQ), np.float32)}
     b = {k: np.concatenate([x[k] for x in found]) for k in found[0]}
     np.testing.assert_array_equal(b["targets"][:, :-1], b["inputs"][:, 1:])
+    # the split's last row is padded (segment 0, no loss) after its last <eod>; the rest are full
+    padded = (b["segment_ids"] == 0).any(axis=1)
+    assert padded.sum() <= 30 * 4 // len(packed_rows(cfg)) + 1
+    np.testing.assert_array_equal(b["loss_mask"][:, :-1], b["segment_ids"][:, 1:] > 0)  # no loss on padding
+    b = {k: v[~padded] for k, v in b.items()}
     eos = load_tokenizer(cfg).eos_id
     seg, pos = b["segment_ids"], b["positions"]
     assert (seg[:, 0] == 1).all() and (pos[:, 0] == 0).all()
@@ -220,41 +201,96 @@ def test_restored_state_yields_exactly_the_next_batch(cfg, tmp_path):
     assert all(same(x, y) for x, y in zip(expected, batches(restored, 3), strict=True))
 
 
-def test_packing_loses_no_token_and_reshuffles_each_epoch(cfg):
+def rows_of(cfg, batch_size=1, **kwargs):
+    """Every row the iterator yields, as a tuple of its real tokens (inputs + the last target)."""
+    out = []
+    for b in make_train_iterator(cfg, batch_size, **kwargs):
+        for inputs, targets, seg, mask in zip(b["inputs"], b["targets"], b["segment_ids"], b["loss_mask"],
+                                              strict=True):
+            out.append(tuple(inputs[seg > 0].tolist() + ([int(targets[-1])] if mask[-1] else [])))
+    return out
+
+
+def packed_rows(cfg):
+    """The training split's rows in stored order, as grain's ConcatThenSplit packs the documents."""
+    import grain
+
+    from lecture3.data.pipeline import pack
+
     tok = load_tokenizer(cfg)
-    train = texts(cfg, "train")
-    expected = [t for text in train for t in [*tok.encode(text), tok.eos_id]]
-    tokens = stream(cfg, num_epochs=2)
-    assert len(tokens) == 2 * len(expected)
-    assert collections.Counter(tokens) == collections.Counter(expected * 2)
-    docs = documents_of(tokens, tok)
-    first, second = docs[:len(train)], docs[len(train):]
-    assert sorted(first) == sorted(second) == sorted(train)
+    docs = [{"tokens": np.array([*tok.encode(t), tok.eos_id], np.int32)} for t in texts(cfg, "train")]
+    rows = pack(grain.MapDataset.source(docs).to_iter_dataset(), cfg.seq_len)
+    return [tuple(r["tokens"][r["tokens_segment_ids"] > 0].tolist()) for r in rows]
+
+
+def test_rows_are_packed_as_grain_packs_them():
+    import grain
+
+    from lecture3.data import rows as packing
+    from lecture3.data.pipeline import pack
+
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 50, size=int(n)).astype(np.int32) for n in rng.integers(0, 40, size=30)]
+    mine = packing.from_documents(docs, 1, 9)
+    theirs = list(pack(grain.MapDataset.source([{"tokens": np.append(d, 1).astype(np.int32)} for d in docs])
+                       .to_iter_dataset(), 8))
+    assert len(mine) == len(theirs)
+    for i, row in enumerate(theirs):
+        assert all(np.array_equal(row[k], mine[i][k]) for k in row), i
+
+
+def test_packing_loses_no_token_and_reshuffles_the_rows_each_epoch(cfg):
+    expected = packed_rows(cfg)
+    rows = rows_of(cfg, num_epochs=2)
+    first, second = rows[:len(expected)], rows[len(expected):]
+    assert sorted(first) == sorted(second) == sorted(expected)  # every row once per epoch, no token lost
     assert first != second, "each epoch has its own order"
+    assert first != expected, "rows are shuffled, not read in stored order"
+
+
+def test_a_batch_draws_rows_from_the_whole_split(cfg):
+    # 4 rows of a batch: with documents shuffled and packed (v1) consecutive rows were mostly one document.
+    from lecture3.data.stats import batch_documents
+
+    corpus, tok = open_corpus(cfg), load_tokenizer(cfg)
+    assert batch_documents(cfg, corpus, tok, batch_size=4, n_batches=30) >= 3.0
 
 
 def test_process_shards_are_disjoint_and_cover_the_data(cfg):
-    tok = load_tokenizer(cfg)
-    shards = [documents_of(stream(cfg, 2, process_index=p, process_count=2, num_epochs=1), tok)
-              for p in (0, 1)]
+    shards = [rows_of(cfg, 2, process_index=p, process_count=2, num_epochs=1) for p in (0, 1)]
     assert shards[0] and shards[1]
-    assert not set(shards[0]) & set(shards[1])
-    assert sorted(shards[0] + shards[1]) == sorted(texts(cfg, "train"))
+    assert sorted(shards[0] + shards[1]) == sorted(packed_rows(cfg))
+    # one step's rows of the two processes are the rows of that step's global batch in one process
+    one = rows_of(cfg, 4, num_epochs=1)
+    assert sorted(shards[0][:2] + shards[1][:2]) == sorted(one[:4])
     with pytest.raises(DataError, match="does not split over 2 processes"):
         make_train_iterator(cfg, 3, process_count=2)
 
 
-def test_validation_set_is_fixed_and_whole(cfg):
-    a, b = validation_batches(cfg, 2), validation_batches(cfg, 2)
+def test_validation_set_is_fixed_and_spread_over_the_split(cfg):
+    from lecture3.data.stats import validation_coverage
+
+    full = validation_coverage(dataclasses.replace(cfg, val_sequences=10_000), open_corpus(cfg),
+                               load_tokenizer(cfg))
+    assert full["rows"] >= 4 and full["token_share"] > 0.9 and full["long_documents"] >= 1
+    k = full["long_documents"]  # fewer rows than the split holds, one per document longer than a row
+    spread = dataclasses.replace(cfg, val_sequences=k)
+    a, b = validation_batches(spread, 1), validation_batches(spread, 1)
+    assert len(a) == k and all(same(x, y) for x, y in zip(a, b, strict=True))
+    assert all(x["inputs"].shape == (1, SEQ) and x["loss_mask"].all() for x in a)
+    cov = validation_coverage(spread, open_corpus(cfg), load_tokenizer(cfg))
+    assert cov["rows"] == k < full["rows"] and cov["long_documents_touched"] == cov["long_documents"], cov
+    # When val_sequences allows, the whole split: the held-out documents in order, each followed by <eod>.
+    whole = validation_batches(dataclasses.replace(cfg, val_sequences=10_000), 2)
     held_out = texts(cfg, "validation")
-    full_rows = min(cfg.val_sequences, sum(len(t.encode()) + 1 for t in held_out) // (SEQ + 1))
-    assert len(a) == full_rows // 2 > 0 and all(same(x, y) for x, y in zip(a, b, strict=True))
-    assert all(x["inputs"].shape == (2, SEQ) and x["loss_mask"].all() for x in a)
-    # The rows are the held-out documents, in order, each followed by <eod>.
     tok = load_tokenizer(cfg)
     expected = [t for text in held_out for t in [*tok.encode(text), tok.eos_id]]
-    rows = [t for x in a for i, tg in zip(x["inputs"], x["targets"], strict=True) for t in [*i, tg[-1]]]
-    assert rows == expected[:len(rows)]
+    rows = [t for x in whole for i, tg, m in zip(x["inputs"], x["targets"], x["loss_mask"], strict=True)
+            if m.all() for t in [*i, tg[-1]]]
+    assert rows == expected[:len(rows)] and len(expected) - len(rows) < SEQ + 1
+    # an odd number of rows: the last batch is filled up with masked-out copies
+    odd = validation_batches(dataclasses.replace(cfg, val_sequences=3), 2)
+    assert len(odd) == 2 and odd[-1]["loss_mask"][0].all() and not odd[-1]["loss_mask"][1].any()
     with pytest.raises(DataError, match="longer than the validation set"):
         validation_batches(dataclasses.replace(cfg, seq_len=100_000), 1)
 
@@ -265,16 +301,20 @@ def test_tfds_source_reads_a_dataset_built_here(cfg):
     folder = os.path.dirname(os.path.dirname(open_corpus(cfg).builder.data_dir))
     tfds_cfg = dataclasses.replace(cfg, source="tfds:lecture3_text:train", tfds_data_dir=folder)
     assert sorted(texts(tfds_cfg, "train")) == sorted(texts(cfg, "train"))
+    # Small, so read through the token cache by default: the same rows and batches as the files source.
+    assert all(same(x, y) for x, y in zip(validation_batches(cfg, 2), validation_batches(tfds_cfg, 2), strict=True))
     expected = batches(make_train_iterator(cfg, 4), 5)
-    # Small, so read through the token cache by default; also tokenized in the pipeline when told.
-    for cache_tokens in (None, False):
-        remote_cfg = dataclasses.replace(tfds_cfg, cache_tokens=cache_tokens)
-        assert all(same(x, y) for x, y in zip(validation_batches(cfg, 2), validation_batches(remote_cfg, 2),
-                                              strict=True))
-        assert all(same(x, y) for x, y in zip(expected, batches(make_train_iterator(remote_cfg, 4), 5),
-                                              strict=True))
-        stats = corpus_stats(remote_cfg, max_documents=3)
-        assert stats["train"]["documents"] == (len(texts(cfg, "train")) if cache_tokens is None else 3)
+    assert all(same(x, y) for x, y in zip(expected, batches(make_train_iterator(tfds_cfg, 4), 5), strict=True))
+    assert corpus_stats(tfds_cfg, max_documents=3)["train"]["documents"] == len(texts(cfg, "train"))
+    # Streamed (tokenized in the pipeline): documents shuffled and packed, then a window shuffle of rows;
+    # the same tokens each epoch.
+    streamed = dataclasses.replace(tfds_cfg, cache_tokens=False, shuffle_buffer=8)
+    tokens = sorted(t for row in rows_of(streamed, num_epochs=1) for t in row)
+    assert tokens == sorted(t for row in packed_rows(cfg) for t in row)
+    # a split of few documents is read whole: the same validation rows as through the cache
+    assert all(same(x, y) for x, y in zip(validation_batches(cfg, 2), validation_batches(streamed, 2), strict=True))
+    stats = corpus_stats(streamed, max_documents=3)
+    assert stats["train"]["documents"] == 3 and stats["batch_documents"] is None
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
@@ -315,3 +355,8 @@ def test_stdlib_is_the_default_corpus(tmp_path):
     assert stats["train"]["documents"] > 500 and stats["train"]["bytes"] > 10_000_000
     assert stats["validation"]["documents"] > 5 and stats["train"]["tokens"] == stats["train"]["bytes"]
     assert len(validation_batches(local, 16)) == 4
+    # a batch of 16 rows draws from >= 12 distinct files (v1: 1.4); the validation set touches every
+    # validation file longer than one row (v1: 12 of 42)
+    assert stats["batch_documents"] >= 12
+    cov = stats["validation_coverage"]
+    assert cov["long_documents"] > 20 and cov["long_documents_touched"] == cov["long_documents"]

@@ -42,8 +42,9 @@ class DataConfig:
     tfds_data_dir: str | None = None  # prepared tfds datasets; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
     tfds_val_split: str | None = None  # held-out split of a tfds: source; None: "validation", else "test"
     seed: int = 0  # shuffle seed; documents are reshuffled every epoch from it
-    val_sequences: int = 64  # rows of seq_len + 1 tokens in the fixed validation set
+    val_sequences: int = 64  # rows of seq_len + 1 tokens in the fixed validation set, spread over the split
     val_fraction: float = 0.03  # share of local documents hashed (by relative path) into validation
+    shuffle_buffer: int = 4096  # rows a streamed (not token-cached) source shuffles together (grain window)
     num_workers: int = 0  # grain worker processes (0: in this process); the batch order depends on it
     cache_tokens: bool | None = None  # tokenize once into the cache; None: local sources and tfds under 1 GiB
 
@@ -66,6 +67,7 @@ class DataConfig:
         _check(self.seq_len >= 1, "seq_len", self.seq_len, "an integer >= 1")
         _check(self.val_sequences >= 1, "val_sequences", self.val_sequences, "an integer >= 1")
         _check(0.0 < self.val_fraction < 1.0, "val_fraction", self.val_fraction, "a number in (0, 1)")
+        _check(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "an integer >= 1")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
         for name in ("data_dir", "tfds_data_dir", "tfds_val_split"):
             value = getattr(self, name)

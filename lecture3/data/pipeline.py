@@ -1,23 +1,31 @@
 """The grain pipeline: documents -> tokens -> packed rows -> batches of model inputs.
 
-    documents (this process's shard, reshuffled every epoch, repeated)
-      -> tokens + <eod>                                    from the token cache, or encoded here
-      -> ConcatThenSplit into rows of seq_len + 1          no token lost, segment ids and positions
-      -> batch of B = batch_size // process_count rows
-      -> inputs / targets (shifted by one) / segment_ids / positions / loss_mask
+A source read through the token cache (the local sources, tfds datasets that fit it):
 
-Every stage is a grain dataset, so the iterator's `get_state()` is a small dict that `set_state`
-turns back into exactly the next batch (and orbax saves through `grain.checkpoint`).
+    the split's documents + <eod>, in stored order, packed into rows of seq_len + 1   (rows.PackedRows)
+      -> the rows of the WHOLE split shuffled with the seed, reshuffled every epoch, repeated
+      -> this process's rows: every process_count-th (disjoint; together each global batch)
+      -> batch of B = batch_size // process_count rows
+
+so a batch's rows come from anywhere in the corpus (v1 packed consecutive rows of shuffled documents:
+most batches were 16 rows of one file). A streamed source (a large tfds dataset, tokenized here):
+
+    documents (this process's shard, reshuffled every epoch, repeated) -> tokens + <eod>
+      -> ConcatThenSplit into rows of seq_len + 1 -> a window shuffle of `shuffle_buffer` rows -> batch
+
+and both end in inputs / targets (shifted by one) / segment_ids / positions / loss_mask. Every stage is
+a grain dataset, so the iterator's `get_state()` is a small dict that `set_state` turns back into
+exactly the next batch (and orbax saves through `grain.checkpoint`).
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 
 import grain
 import numpy as np
 
+from lecture3.data import rows as packing
 from lecture3.data.config import DataConfig, DataError
 from lecture3.data.sources import Corpus, open_corpus, text_of
 from lecture3.data.token_cache import cached_tokens, use_token_cache
@@ -78,10 +86,25 @@ def pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
     return grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len + 1})
 
 
-def train_dataset(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer, local_batch: int, *,
-                  process_index: int = 0, process_count: int = 1,
-                  num_epochs: int | None = None) -> grain.IterDataset:
-    """The training pipeline of one process as a grain dataset (endless unless `num_epochs`)."""
+def token_rows(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer, role: str) -> packing.PackedRows:
+    """The rows of `role` packed from the token cache (random access)."""
+    corpus.require(role)
+    return cached_tokens(cfg, corpus, tokenizer)[0][role].packed(cfg.seq_len + 1)
+
+
+def train_rows(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer, local_batch: int, *,
+               process_index: int = 0, process_count: int = 1, num_epochs: int | None = None):
+    """This process's training rows in batches, before `ModelFields` (rows from the token cache also carry
+    `documents`, the first and last document each row touches)."""
+    if use_token_cache(cfg, corpus):
+        rows = token_rows(cfg, corpus, tokenizer, "train")
+        if len(rows) < process_count:
+            raise DataError(f"process {process_index} of {process_count} gets no training rows: the corpus "
+                            f"packs into {len(rows)}; use more documents, a shorter seq_len or fewer processes")
+        # shuffle() draws a new permutation for every epoch of repeat(); each process takes every
+        # process_count-th row, so the processes' rows of one step are the global batch's rows.
+        ds = grain.MapDataset.source(rows).shuffle(seed=cfg.seed).repeat(num_epochs)
+        return ds[process_index::process_count].batch(local_batch, drop_remainder=False)
     docs = documents(cfg, corpus, tokenizer, "train")
     # Each process keeps every process_count-th document: disjoint shards that together cover all.
     shard = docs[process_index::process_count]
@@ -90,9 +113,20 @@ def train_dataset(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer, local_b
                         f"corpus has only {len(docs)}; use more documents or fewer processes")
     # repeat() reseeds the shuffle every epoch, so each epoch has its own order.
     ds = pack(shard.shuffle(seed=cfg.seed).repeat(num_epochs).to_iter_dataset(), cfg.seq_len)
-    ds = ds.batch(local_batch, drop_remainder=False).map(ModelFields(tokenizer.pad_id))
+    ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=cfg.shuffle_buffer, seed=cfg.seed)
+    return ds.batch(local_batch, drop_remainder=False)
+
+
+def train_dataset(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer, local_batch: int, *,
+                  process_index: int = 0, process_count: int = 1,
+                  num_epochs: int | None = None) -> grain.IterDataset:
+    """The training pipeline of one process as a grain dataset (endless unless `num_epochs`)."""
+    ds = train_rows(cfg, corpus, tokenizer, local_batch, process_index=process_index,
+                    process_count=process_count, num_epochs=num_epochs).map(ModelFields(tokenizer.pad_id))
     if cfg.num_workers > 0:
         _absl_flags_parsed()
+        if isinstance(ds, grain.MapDataset):
+            ds = ds.to_iter_dataset()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers),
                             worker_init_fn=_absl_flags_parsed)
     return ds
@@ -124,30 +158,52 @@ def make_train_iterator(cfg: DataConfig, batch_size: int, *, process_index: int 
     return iter(ds)
 
 
-def validation_rows(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer) -> Batch:
-    """The fixed validation set: the first `cfg.val_sequences` full rows of the validation split."""
+# a streamed source's validation set is packed from this many documents per row asked for, spread
+# evenly over its validation split (tokenizing a whole split of a large dataset is not affordable)
+STREAMED_VAL_DOCS_PER_ROW = 4
+
+
+def validation_packing(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer) -> packing.PackedRows:
+    """The validation split packed into rows: all of it from the token cache; for a streamed source,
+    documents at evenly spaced indices of the split (STREAMED_VAL_DOCS_PER_ROW per row asked for)."""
+    if use_token_cache(cfg, corpus):
+        return token_rows(cfg, corpus, tokenizer, "validation")
     docs = documents(cfg, corpus, tokenizer, "validation")
-    ds = pack(docs.to_iter_dataset(), cfg.seq_len)
-    # Only full rows, so every validation token is real and counts in the loss.
-    rows = [r for r in itertools.islice(ds, cfg.val_sequences) if r["tokens_segment_ids"][-1] > 0]
-    if not rows:
-        n = sum(len(d["tokens"]) for d in docs)
-        raise DataError(f"seq_len {cfg.seq_len} is longer than the validation set ({n} tokens, a row needs "
-                        f"{cfg.seq_len + 1}); lower --data.seq-len or raise --data.val-fraction")
+    k = min(len(docs), STREAMED_VAL_DOCS_PER_ROW * cfg.val_sequences)
+    picked = [docs[int(i)]["tokens"][:-1] for i in (np.arange(k) * len(docs)) // max(k, 1)]
+    return packing.from_documents(picked, tokenizer.eos_id, cfg.seq_len + 1)
+
+
+def validation_rows(cfg: DataConfig, corpus: Corpus, tokenizer: Tokenizer) -> Batch:
+    """The fixed validation set: at most `cfg.val_sequences` full rows spread over the whole validation
+    split, all of it when that allows (`rows.validation_indices`); the same on every call and machine."""
+    packed = validation_packing(cfg, corpus, tokenizer)
+    picked = packing.validation_indices(packed, cfg.val_sequences)
+    if len(picked) == 0:
+        raise DataError(f"seq_len {cfg.seq_len} is longer than the validation set ({packed.length} tokens, a row "
+                        f"needs {cfg.seq_len + 1}); lower --data.seq-len or raise --data.val-fraction")
+    rows = [packed[int(i)] for i in picked]
     stacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
     return ModelFields(tokenizer.pad_id).map(stacked)
 
 
 def validation_batches(cfg: DataConfig, batch_size: int) -> list[Batch]:
-    """The fixed validation set in whole batches: the same tokens on every call and every machine."""
+    """The fixed validation set in batches of `batch_size`: the same tokens on every call and every machine.
+    The last batch is filled up with copies of its first row whose `loss_mask` is 0, so every row counts."""
+    if batch_size < 1:
+        raise DataError(f"validation batch size {batch_size} is invalid: expected 1 or more")
     corpus, tokenizer = open_corpus(cfg), load_tokenizer(cfg)
     rows = validation_rows(cfg, corpus, tokenizer)
-    n = len(rows["inputs"]) // batch_size
-    if batch_size < 1 or n == 0:
-        raise DataError(f"the validation set has {len(rows['inputs'])} rows, fewer than one batch of "
-                        f"{batch_size}; lower the batch size or raise --data.val-sequences or "
-                        "--data.val-fraction")
-    return [{k: v[i * batch_size:(i + 1) * batch_size] for k, v in rows.items()} for i in range(n)]
+    n = len(rows["inputs"])
+    out = []
+    for start in range(0, n, batch_size):
+        batch = {k: v[start:start + batch_size] for k, v in rows.items()}
+        missing = batch_size - len(batch["inputs"])
+        if missing:
+            batch = {k: np.concatenate([v, np.repeat(v[:1], missing, axis=0)]) for k, v in batch.items()}
+            batch["loss_mask"][-missing:] = 0
+        out.append(batch)
+    return out
 
 
 def global_batch(local_batch: Mapping[str, np.ndarray], sharding) -> dict:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from lecture3.data import rows as packing
 from lecture3.data.config import DataConfig
-from lecture3.data.pipeline import validation_rows
+from lecture3.data.pipeline import train_rows, validation_packing, validation_rows
 from lecture3.data.sources import open_corpus
 from lecture3.data.token_cache import cached_tokens, tokenize_records, use_token_cache
 from lecture3.data.tokenizer import load_tokenizer
@@ -50,8 +53,36 @@ def corpus_stats(cfg: DataConfig, *, max_documents: int | None = None,
         stats[role] = {**c, "bytes_per_token": c["bytes"] / c["tokens"] if c["tokens"] else float("nan")}
     # Building the fixed validation set checks that it holds at least one row of seq_len + 1.
     stats["validation_sequences"] = len(validation_rows(cfg, corpus, tokenizer)["inputs"])
+    stats["validation_coverage"] = validation_coverage(cfg, corpus, tokenizer)
+    stats["batch_documents"] = batch_documents(cfg, corpus, tokenizer)
     first = next(corpus.texts("train", 1), "")
     ids = tokenizer.encode(first[:_SAMPLE_CHARS])
     stats["sample"] = tokenizer.decode(ids)
     stats["sample_tokens"] = len(ids)
     return stats
+
+
+def batch_documents(cfg: DataConfig, corpus, tokenizer, batch_size: int = 16, n_batches: int = 100) -> float | None:
+    """Mean number of distinct documents a training batch of `batch_size` rows draws from, over the first
+    `n_batches` batches of seed `cfg.seed` (None for a streamed source, whose rows do not say)."""
+    if not use_token_cache(cfg, corpus):
+        return None
+    it = iter(train_rows(cfg, corpus, tokenizer, batch_size))
+    counts = []
+    for _ in range(n_batches):
+        spans = next(it)["documents"]
+        counts.append(len({d for first, last in spans for d in range(int(first), int(last) + 1)}))
+    return sum(counts) / len(counts)
+
+
+def validation_coverage(cfg: DataConfig, corpus, tokenizer) -> dict[str, Any]:
+    """How much of the validation split the validation set covers: its share of the split's tokens, and
+    the documents it touches against those longer than one row."""
+    packed = validation_packing(cfg, corpus, tokenizer)
+    picked = packing.validation_indices(packed, cfg.val_sequences)
+    touched = {d for i in picked for d in range(packed.span(int(i))[0], packed.span(int(i))[1] + 1)}
+    sizes = packed.offsets[1:] - packed.offsets[:-1] + 1  # with the <eod>
+    long = set(np.flatnonzero(sizes > packed.row_len).tolist())
+    return {"rows": len(picked), "token_share": len(picked) * packed.row_len / max(packed.length, 1),
+            "documents": len(sizes), "documents_touched": len(touched),
+            "long_documents": len(long), "long_documents_touched": len(long & touched)}

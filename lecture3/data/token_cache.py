@@ -80,6 +80,14 @@ class TokenizedSplit:
         out[-1] = self.eos_id
         return {"tokens": out}
 
+    def packed(self, row_len: int):
+        """The split as one stream of documents + <eod>, in rows of `row_len` (`rows.PackedRows`)."""
+        from lecture3.data.rows import PackedRows
+
+        if self._offsets is None:
+            self._open()
+        return PackedRows(self._tokens, self._offsets, self.eos_id, row_len)
+
     @property
     def num_tokens(self) -> int:
         """Tokens in the split, not counting the <eod> after each document."""
