@@ -77,11 +77,13 @@ def _diff_lines(saved: dict, current: dict, sections: tuple[str, ...], skip: fro
     return "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in sorted(diff.items()))
 
 
-def record_config(workdir: Path, config: dict, step: int) -> None:
-    """config.json becomes `config`; config-history.jsonl gains a line saying which step it started from."""
-    write_json_atomic(workdir / "config.json", config)
+def record_config(workdir: Path, config: dict, step: int, environment: dict | None = None) -> None:
+    """config.json becomes `config` (with the run's numerical `environment`, `runtime.environment`, under
+    that key); config-history.jsonl gains a line saying which step it started from, in which environment."""
+    env = {} if environment is None else {"environment": environment}
+    write_json_atomic(workdir / "config.json", {**config, **env})
     with open(workdir / "config-history.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "config": config}, sort_keys=True, default=str) + "\n")
+        f.write(json.dumps({"step": step, "config": config, **env}, sort_keys=True, default=str) + "\n")
 
 
 def state_items(state) -> dict:

@@ -286,8 +286,8 @@ def train(config: Config, *, data: Batches | None = None, workdir: str | os.Path
     progress: the progress bar (None: `config.train.progress`).
     """
     from lecture3 import accounting, runtime
+    from lecture3.meter import LossMeter
 
-    runtime.cpu_defaults()  # only while jax's backend has not started: a first call in a fresh process
     tcfg0 = config.train
     if progress is not None and progress != tcfg0.progress:
         config = config.replace(**{"train.progress": bool(progress)})
@@ -344,7 +344,7 @@ def train(config: Config, *, data: Batches | None = None, workdir: str | os.Path
                 next(batches, None)
     history = History()
     if pi == 0 and workdir is not None:
-        record_config(workdir, cfg.to_dict(), start)
+        record_config(workdir, cfg.to_dict(), start, runtime.environment(cfg))
         history.extend(_truncate_metrics(workdir / "metrics.jsonl", start))
 
     flops_per_token = accounting.flops_per_token(mcfg, cfg.data.seq_len)["training"]
@@ -377,6 +377,7 @@ def train(config: Config, *, data: Batches | None = None, workdir: str | os.Path
     t_last, tokens_since = None, 0
     pending = None  # (finite flag, step) checked once the next step is queued, so loading overlaps compute
     done = start
+    meter = LossMeter()  # the logged loss (and its terms): the mean over the steps since the last log
     try:
         for step in range(start, tcfg.steps):
             local = next(batches, None)
@@ -385,6 +386,7 @@ def train(config: Config, *, data: Batches | None = None, workdir: str | os.Path
                 break
             batch = dataio.global_batch(_local_rows(local, pi, pc) if data is not None else local, data_sharding)
             state, metrics = step_fn(state, batch)
+            meter.add(metrics)
             done = step + 1
             if pending is not None:
                 _check_finite(*pending, ckpt)
@@ -403,7 +405,7 @@ def train(config: Config, *, data: Batches | None = None, workdir: str | os.Path
             else:
                 tokens_since += tokens_per_step
             if log_now or eval_now:
-                values = jax.device_get(metrics)
+                values = meter.take(jax.device_get(metrics))
                 elapsed = time.perf_counter() - t_last
                 record = {"step": done, **{k: float(v) for k, v in diagnostics.flatten_layers(values).items()}}
                 record["tokens_per_s"] = tokens_since / elapsed if tokens_since else None

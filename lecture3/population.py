@@ -47,6 +47,7 @@ from lecture3 import data as dataio
 from lecture3 import diagnostics, loop, losses, optim, steps
 from lecture3.config import Config, ConfigError, TrainConfig, dotted_keys
 from lecture3.errors import Lecture3Error
+from lecture3.meter import LossMeter
 from lecture3.model import Transformer
 
 # the keys a member may override; every other key changes the compiled program
@@ -371,6 +372,7 @@ def train(base: Config, members: Sequence[Mapping[str, Any]], *, data: loop.Batc
 
         bar = tqdm(total=tcfg.steps, desc=f"population of {n}", unit="step", dynamic_ncols=True)
     t_last, tokens_since, stopped, done = None, 0, None, 0
+    meter = LossMeter()  # each member's logged loss: the mean over the steps since the last log
     try:
         for step in range(tcfg.steps):
             batch = next(stream, None)
@@ -379,6 +381,7 @@ def train(base: Config, members: Sequence[Mapping[str, Any]], *, data: loop.Batc
                 break
             batch = jax.device_put(batch, replicated if shared else sharded)
             pstate, metrics = step_fn(pstate, batch)
+            meter.add(metrics)
             done = step + 1
             log_now = done % tcfg.log_every == 0 or done == tcfg.steps
             eval_now = done % tcfg.eval_every == 0 or done == tcfg.steps
@@ -388,7 +391,7 @@ def train(base: Config, members: Sequence[Mapping[str, Any]], *, data: loop.Batc
             else:
                 tokens_since += tokens_per_step
             if log_now or eval_now:
-                values = jax.device_get(metrics)
+                values = meter.take(jax.device_get(metrics))
                 elapsed = time.perf_counter() - t_last
                 rate = tokens_since / elapsed if tokens_since else None
                 mfu = (rate * n * flops_per_token / (peak * len(mesh.devices.flat))

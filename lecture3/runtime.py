@@ -25,6 +25,7 @@ import functools
 import os
 import platform
 import typing
+from pathlib import Path
 
 YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 
@@ -146,3 +147,50 @@ def jaxlib_knows(flag: str) -> bool:
                 if data.find(needle) >= 0:
                     return True
     return False
+
+
+def cpu_id() -> dict:
+    """The CPU's model name with its family, model and stepping numbers (Zen 4 and Zen 5 share a name)."""
+    out = {"cpu": platform.processor() or "", "cpu_family": None, "cpu_model": None, "cpu_stepping": None}
+    names = {"model name": "cpu", "cpu family": "cpu_family", "model": "cpu_model", "stepping": "cpu_stepping"}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in names and (out[names[key]] in (None, "") or key == "model name"):
+                out[names[key]] = value if key == "model name" else int(value) if value.isdigit() else value
+            if not line.strip():
+                break  # the first processor is enough
+    except OSError:
+        pass
+    return out
+
+
+def environment(config) -> dict:
+    """What a run's numbers rest on besides its config: the CPU (with family/model numbers), jax and jaxlib
+    versions, XLA_FLAGS, whether glibc keeps freed memory (`runtime.cpu_defaults`), and the batch parts of
+    the train step `lecture3.train` runs for `config` here (`steps.batch_splits`). Two runs with the same
+    config and environment give the same final loss within 1e-4."""
+    import jax
+    import jaxlib
+
+    from lecture3 import sharding, steps
+
+    mesh = sharding.make_mesh(config.mesh)
+    dev = jax.devices()[0]
+    return {**cpu_id(), "platform": dev.platform, "device_kind": dev.device_kind,
+            "device_count": jax.device_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "keep_host_memory": applied()["keep_host_memory"],
+            "batch_splits": steps.batch_splits(config.model, config.train, mesh)}
+
+
+# the fields of `environment` that must match for a rerun to be held to the same-environment tolerance
+ENVIRONMENT_KEYS = ("cpu", "cpu_family", "cpu_model", "platform", "device_kind", "device_count", "jax", "jaxlib",
+                    "xla_flags", "keep_host_memory", "batch_splits")
+
+
+def environment_differences(recorded: dict | None, current: dict) -> list[str]:
+    """`field: recorded -> now` for each environment field that differs (a record without one: all)."""
+    if not recorded:
+        return ["the record states no environment"]
+    return [f"{k}: {recorded.get(k)!r} -> {current.get(k)!r}" for k in ENVIRONMENT_KEYS
+            if recorded.get(k) != current.get(k)]

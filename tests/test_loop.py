@@ -238,3 +238,48 @@ def test_history_to_pandas_is_a_frame_indexed_by_step(monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
     with pytest.raises(lecture3.Lecture3Error, match="History.to_pandas needs pandas: pip install pandas"):
         history.to_pandas()
+
+
+def _by_step(history):
+    return {r["step"]: r for r in history if "loss" in r}
+
+
+def test_the_logged_loss_is_the_mean_of_the_steps_since_the_last_log(tmp_path):
+    """One batch every log_every steps is a noisy curve: the logged loss and its terms are the mean over the
+    steps since the last log; the step's signals (gradient norm, lr) are the last step's."""
+    cfg = tiny_config(tmp_path, steps=6, log_every=1, eval_every=6, **{"z_loss": 1e-4})
+    every = _by_step(lecture3.train(cfg).history)
+    grouped = _by_step(lecture3.train(cfg.replace(**{"train.log_every": 3})).history)
+    assert sorted(grouped) == [3, 6]
+    for end in (3, 6):
+        steps_ = range(end - 2, end + 1)
+        for key in ("loss", "cross_entropy", "z_loss"):
+            assert grouped[end][key] == pytest.approx(np.mean([every[s][key] for s in steps_]), rel=1e-6), key
+        for key in ("grad_norm", "lr"):
+            assert grouped[end][key] == pytest.approx(every[end][key], rel=1e-6), key
+    assert grouped[3]["loss"] != pytest.approx(every[3]["loss"], rel=1e-6)  # not the last batch's
+
+
+def test_the_population_logs_the_mean_loss_since_the_last_log(tmp_path):
+    from lecture3 import population
+
+    cfg = tiny_config(tmp_path, steps=4, log_every=1, eval_every=4)
+    members = [{"train.seed": 0}, {"train.seed": 1}]
+    every = [_by_step(r.history) for r in population.train(cfg, members, progress=False, echo=lambda *a: None)]
+    grouped = [_by_step(r.history) for r in population.train(cfg.replace(**{"train.log_every": 2}), members,
+                                                             progress=False, echo=lambda *a: None)]
+    for one, two in zip(every, grouped, strict=True):
+        for end in (2, 4):
+            assert two[end]["loss"] == pytest.approx((one[end - 1]["loss"] + one[end]["loss"]) / 2, rel=1e-6)
+
+
+def test_config_json_states_the_numerical_environment(tmp_path):
+    cfg = tiny_config(tmp_path, steps=2, eval_every=2, checkpoint_every=2, sample_tokens=0)
+    lecture3.train(cfg, workdir=tmp_path / "run", echo=lambda *a: None)
+    env = json.loads((tmp_path / "run" / "config.json").read_text())["environment"]
+    assert {"cpu", "cpu_family", "cpu_model", "jax", "jaxlib", "xla_flags", "keep_host_memory",
+            "batch_splits"} <= set(env)
+    assert env["batch_splits"] == steps.batch_splits(cfg.model, cfg.train, lecture3.sharding.make_mesh(cfg.mesh))
+    history = (tmp_path / "run" / "config-history.jsonl").read_text().splitlines()
+    assert json.loads(history[-1])["environment"] == env
+    assert lecture3.load_run(tmp_path / "run").config == cfg  # the extra key does not disturb reading it back

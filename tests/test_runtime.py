@@ -19,6 +19,7 @@ from lecture3 import runtime
 FAULTS_PER_STEP = r"""
 import json, resource, sys
 import lecture3
+lecture3.runtime.cpu_defaults()  # the documented opt-in (LECTURE3_XLA_DEFAULTS=0 makes it a no-op)
 cfg = lecture3.Config().replace(**{"train.steps": 32, "train.log_every": 4, "train.eval_every": 1000,
                                    "train.progress": False})
 faults = []
@@ -70,6 +71,36 @@ def test_keep_memory_false_applies_the_flag_alone(keep, monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setattr(runtime, "backend_started", lambda: False)
     monkeypatch.setattr(runtime, "keep_host_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(runtime, "_applied", {"xla_flags": False, "keep_host_memory": False})
     assert runtime.cpu_defaults(keep_memory=keep) == {"xla_flags": True, "keep_host_memory": keep}
     assert calls == ([1] if keep else [])
     assert os.environ["XLA_FLAGS"] == f"--{runtime.YNN_FLAG}=dot"
+
+
+LEAVES_THE_PROCESS = r"""
+import json, os
+from lecture3 import runtime
+calls = []
+runtime.keep_host_memory = lambda: calls.append("mallopt") or True
+before = dict(os.environ)
+import lecture3
+cfg = lecture3.Config().replace(**{"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2,
+                                   "data.seq_len": 32, "train.steps": 2, "train.batch_size": 2,
+                                   "train.warmup_steps": 1, "train.eval_every": 2, "train.eval_batches": 1,
+                                   "train.sample_tokens": 0, "train.progress": False})
+lecture3.train(cfg, echo=lambda *a, **k: None)
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+print(json.dumps({"changed": changed, "calls": calls, "applied": runtime.applied()}))
+"""
+
+
+def test_lecture3_train_leaves_the_process_as_it_found_it():
+    """Library code sets no XLA flag and no allocator setting: a notebook's kernel after `lecture3.train`
+    is the kernel it was (the CLI and the experiment workers opt in with runtime.cpu_defaults)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LECTURE3_XLA_DEFAULTS", "XLA_FLAGS")}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run([sys.executable, "-c", LEAVES_THE_PROCESS], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found == {"changed": [], "calls": [], "applied": {"xla_flags": False, "keep_host_memory": False}}

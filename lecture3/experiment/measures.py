@@ -58,19 +58,22 @@ def init_grad_norms(cfg: Config, n_batches: int = 4, leaf: str = "up") -> dict:
             "last_over_first": per_layer[-1] / per_layer[0]}
 
 
-def step_times(configs: Mapping[str, Config], rounds: int = 5, steps_per_round: int = 10) -> dict:
+def step_times(configs: Mapping[str, Config], rounds: int = 7, steps_per_round: int = 10) -> dict:
     """Seconds per train step of each config, measured in ONE process with the rounds interleaved (the
-    order alternates every round), so machine noise hits every arm alike; median over rounds.
-    Returns {"median_s": {name: s}, "rounds_s": {name: [s per round]}}."""
+    order alternates every round), so machine noise hits every arm alike; median over rounds. Each arm
+    runs the step `lecture3 train` runs here (its batch parts: `steps.batch_splits`).
+    Returns {"median_s": {name: s}, "rounds_s": {name: [s per round]}, "batch_splits": {name: n}}."""
     import jax
     import jax.numpy as jnp
 
-    arms = {}
+    arms, splits = {}, {}
     for name, cfg in configs.items():
         mesh, rules, steps = _setup(cfg)
         opt = steps.make_optimizer(cfg.train)
         _, shardings = steps.state_shardings(cfg.model, cfg.train, mesh, rules, opt)
-        fn = steps.jit_train_step(steps.make_train_step(cfg.model, cfg.train, None, opt), mesh, rules, shardings)
+        splits[name] = steps.batch_splits(cfg.model, cfg.train, mesh)
+        fn = steps.jit_train_step(steps.make_train_step(cfg.model, cfg.train, None, opt, splits[name]), mesh, rules,
+                                  shardings)
         state = steps.init_state(cfg.model, cfg.train, mesh, rules, opt, shardings)
         batch = {k: jnp.asarray(v) for k, v in _batches(cfg, 1)[0].items()}
         for _ in range(2):  # compile and warm up
@@ -89,4 +92,4 @@ def step_times(configs: Mapping[str, Config], rounds: int = 5, steps_per_round: 
             times[name].append((time.perf_counter() - t0) / steps_per_round)
             arms[name][1] = state
     return {"median_s": {n: statistics.median(t) for n, t in times.items()}, "rounds_s": times,
-            "rounds": rounds, "steps_per_round": steps_per_round}
+            "rounds": rounds, "steps_per_round": steps_per_round, "batch_splits": splits}
