@@ -63,9 +63,6 @@ def runs(scale: str) -> list[RunSpec]:
     return protocol.baseline_specs(scale) + arms
 
 
-def arm_lr(results) -> float | None:
-    """The LR the schemes ran at: the baseline's best LR over its grid (None while its runs miss)."""
-    return results.best_lr(**BASELINE)
 
 
 def _tags(scheme: str, lr: float) -> dict:
@@ -73,7 +70,7 @@ def _tags(scheme: str, lr: float) -> dict:
 
 
 def crit_a(results):
-    lr = arm_lr(results)
+    lr = judge.baseline_lr(results)
     if lr is None:
         return judge.missing("the baseline's LR grid")
     return judge.all_of([judge.compare(results, _tags("rope", lr), _tags(s, lr), "not_worse", label=f"rope − {s}")
@@ -81,7 +78,7 @@ def crit_a(results):
 
 
 def crit_b(results):
-    lr = arm_lr(results)
+    lr = judge.baseline_lr(results)
     if lr is None:
         return judge.missing("the baseline's LR grid")
     return judge.all_of([judge.compare(results, _tags("rope", lr), _tags(s, lr), "better", label=f"rope − {s}")
@@ -107,7 +104,7 @@ def _diverged(results, arm) -> int:
 
 
 def observations(results) -> list[str]:
-    lr = arm_lr(results)
+    lr = judge.baseline_lr(results)
     out = [f"LR of every scheme: {lr:g} (the baseline's best LR at T = 128)" if lr is not None else
            "the baseline's best LR is not known yet: the schemes have not run"]
     out += [f"{s}: {_diverged(results, s)} diverged run(s), counted as ln V" for s in SCHEMES if _diverged(results, s)]
@@ -132,7 +129,7 @@ def plots(results, folder):
     labels = [s for s in SCHEMES if results.select(arm=s)]
     if not labels:
         return []
-    lr = arm_lr(results)
+    lr = judge.baseline_lr(results)
     figs = [report.bars(labels, [results.values(arm=s) for s in labels], folder, "loss_by_position.png",
                         "final val loss at T = 256 (nats)",
                         "final val loss by position scheme" + (f" (LR {lr:g})" if lr is not None else ""))]

@@ -99,20 +99,12 @@ def _better_at_end(results) -> dict:
     return {wd: judge.compare(results, {"wd": wd}, {"wd": 0.0}, "better") for wd in WDS[1:]}
 
 
-def any_of(parts) -> tuple:
-    """Some statement passes: pass if any passes, fail if all fail, else inconclusive."""
-    outs = [p[0] for p in parts]
-    comps = tuple(c for p in parts for c in p[2])
-    detail = "; ".join(p[1] for p in parts)
-    if None in outs:
-        return None, detail, comps
-    return ("pass" if "pass" in outs else "fail" if all(o == "fail" for o in outs) else "inconclusive"), detail, comps
 
 
 def crit_b(results):
     if not _full(results):
         return judge.missing()
-    return any_of(list(_better_at_end(results).values()))
+    return judge.any_of(list(_better_at_end(results).values()))
 
 
 def chosen_wd(results) -> float:

@@ -85,18 +85,10 @@ def drift_count(results):
                        + ", ".join(f"seed {s}: {_fmt(z)}" for s, z in sorted(vals.items())))
 
 
-def any_of(parts) -> tuple:
-    """Pass if any part passes, fail if every part fails, else inconclusive."""
-    outs = [p[0] for p in parts]
-    comps = tuple(c for p in parts for c in p[2])
-    detail = "; ".join(p[1] for p in parts)
-    if None in outs:
-        return None, detail, comps
-    return ("pass" if "pass" in outs else "fail" if all(o == "fail" for o in outs) else "inconclusive"), detail, comps
 
 
 def crit_b(results):
-    return any_of([judge.compare(results, {"arm": ON, "lr": TOP_LR}, {"arm": OFF, "lr": TOP_LR}, "better"),
+    return judge.any_of([judge.compare(results, {"arm": ON, "lr": TOP_LR}, {"arm": OFF, "lr": TOP_LR}, "better"),
                    drift_count(results)])
 
 

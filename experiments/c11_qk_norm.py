@@ -41,17 +41,10 @@ def runs(scale: str) -> list[RunSpec]:
             for arm, q in ARMS.items() for lr in LRS for seed in protocol.SEEDS]
 
 
-def max_logit(result: dict) -> float | None:
-    """The probe's max attention logit, or for a diverged run the last finite one logged in training."""
-    p = result.get("probe")
-    if p is not None:
-        return p["max_attn_logit"]
-    logged = [r["max_attn_logit"] for r in result["history"] if r.get("max_attn_logit") is not None]
-    return logged[-1] if logged else None
 
 
 def logits_by_seed(results, arm: str, lr: float) -> dict[int, float | None]:
-    return {s.tags["seed"]: max_logit(r["result"]) for s, r in results.select(arm=arm, lr=lr)}
+    return {s.tags["seed"]: judge.max_attn_logit(r["result"]) for s, r in results.select(arm=arm, lr=lr)}
 
 
 def crit_a(results):

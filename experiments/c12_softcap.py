@@ -45,19 +45,12 @@ def runs(scale: str) -> list[RunSpec]:
             for arm, (a, f) in ARMS.items() for lr in LRS for seed in protocol.SEEDS]
 
 
-def max_logit(result: dict) -> float | None:
-    """The probe's pre-cap max attention logit, or for a diverged run the last finite one logged in training."""
-    p = result.get("probe")
-    if p is not None:
-        return p["max_attn_logit"]
-    logged = [r["max_attn_logit"] for r in result["history"] if r.get("max_attn_logit") is not None]
-    return logged[-1] if logged else None
 
 
 def log_max_logits(results, arm: str) -> dict[int, float | None]:
     out = {}
     for s, r in results.select(arm=arm, lr=TOP_LR):
-        x = max_logit(r["result"])
+        x = judge.max_attn_logit(r["result"])
         out[s.tags["seed"]] = math.log(x) if x is not None and x > 0 else None
     return out
 

@@ -193,9 +193,6 @@ def _decode(mcfg, params, cache, last, lens, new_tokens: int) -> float:
 # ---------------------------------------------------------------- criteria
 
 
-def arm_lr(results) -> float | None:
-    """The LR the arms trained at: the baseline's best LR over its grid (None while its runs miss)."""
-    return results.best_lr(arm="baseline")
 
 
 def _kv(results) -> dict | None:
@@ -240,7 +237,7 @@ def crit_b(results):
 
 
 def crit_c(results):
-    lr = arm_lr(results)
+    lr = judge.baseline_lr(results)
     if lr is None:
         return judge.missing("the baseline's LR grid")
     arm = {a: {"arm": a, "lr": lr} for a in ARMS}
@@ -259,7 +256,7 @@ def criteria(results) -> list[Criterion]:
 
 def plots(results, folder):
     figs = []
-    labels, lr = [a for a in ARMS if results.select(arm=a)], arm_lr(results)
+    labels, lr = [a for a in ARMS if results.select(arm=a)], judge.baseline_lr(results)
     if labels:
         figs.append(report.bars([f"{a} ({ARMS[a][0]} kv)" for a in labels], [results.values(arm=a) for a in labels],
                                 folder, "loss_by_kv_heads.png", "final val loss (nats)",
@@ -274,7 +271,7 @@ def plots(results, folder):
 
 
 def observations(results) -> list[str]:
-    lr = arm_lr(results)
+    lr = judge.baseline_lr(results)
     out = [f"LR of the three arms: {lr:g} (the baseline's best LR)" if lr is not None else
            "the baseline's best LR is not known yet: the arms have not trained",
            "non-embedding params vs MHA (config accounting): "
@@ -293,7 +290,7 @@ def key_number(results) -> str:
     if s is not None:
         t = s["median_s_per_token"]
         parts.append(f"MQA decodes {t['mha'] / t['mqa']:.2f}x MHA")
-    lr = arm_lr(results)
+    lr = judge.baseline_lr(results)
     if lr is not None and all(results.full(arm=a, lr=lr) for a in ARMS):
         mha, mqa = stats.mean(results.values(arm="mha", lr=lr)), stats.mean(results.values(arm="mqa", lr=lr))
         parts.append(f"loss {100 * (mqa - mha) / mha:+.2f}%")

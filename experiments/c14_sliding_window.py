@@ -125,9 +125,6 @@ def kv_cache(config, context: int = KV_CONTEXT, chunk: int = KV_CHUNK, quick: bo
 # ---------------------------------------------------------------- criteria
 
 
-def arm_lr(results) -> float | None:
-    """The LR the arms trained at: the baseline's best LR over its grid (None while its runs miss)."""
-    return results.best_lr(arm="baseline")
 
 
 def _windows(results, lr: float) -> dict[int, dict[int, float]] | None:
@@ -142,7 +139,7 @@ def _windows(results, lr: float) -> dict[int, dict[int, float]] | None:
 
 
 def crit_a(results):
-    lr = arm_lr(results)
+    lr = judge.baseline_lr(results)
     table = None if lr is None else _windows(results, lr)
     if table is None:
         return judge.missing()
@@ -158,7 +155,7 @@ def crit_a(results):
 
 
 def crit_b(results):
-    lr = arm_lr(results)
+    lr = judge.baseline_lr(results)
     if lr is None:
         return judge.missing("the baseline's LR grid")
     return judge.compare(results, {"arm": "local_global", "lr": lr}, {"arm": "full", "lr": lr}, "not_worse",
@@ -229,7 +226,7 @@ def plots(results, folder):
 
 
 def observations(results) -> list[str]:
-    lr = arm_lr(results)
+    lr = judge.baseline_lr(results)
     out = [f"LR of both trained arms: {lr:g} (the baseline's best LR at T = 128)" if lr is not None else
            "the baseline's best LR is not known yet: the arms have not trained"]
     rows = results.select(arm="full")
@@ -246,7 +243,7 @@ def observations(results) -> list[str]:
 
 
 def key_number(results) -> str:
-    parts, lr = [], arm_lr(results)
+    parts, lr = [], judge.baseline_lr(results)
     table = None if lr is None else _windows(results, lr)
     if table:
         full, w64 = (stats.mean(list(table[w].values())) for w in (WINDOWS[0], WINDOW))

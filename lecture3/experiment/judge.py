@@ -8,7 +8,7 @@ into a `Criterion`.
     compare_values(a_by_seed, b_by_seed, "not_worse")    any per-seed quantity
     compare_diffs(d_by_seed, "better")                   a per-seed difference against 0
     check(ok, detail)                                    a deterministic criterion: pass or fail
-    all_of([...])                                        several statements that must each pass
+    all_of([...]) / any_of([...])                        each of several / some of several must pass
 """
 
 from __future__ import annotations
@@ -87,6 +87,33 @@ def all_of(parts: Sequence[Outcome]) -> Outcome:
         return None, detail, comps
     result = "fail" if "fail" in outs else "pass" if all(o == "pass" for o in outs) else "inconclusive"
     return result, detail, comps
+
+
+def any_of(parts: Sequence[Outcome]) -> Outcome:
+    """Some of several statements passes: pass if any passes, fail if all fail, else inconclusive."""
+    outs = [p[0] for p in parts]
+    detail = "; ".join(p[1] for p in parts)
+    comps = tuple(c for p in parts for c in (p[2] if len(p) > 2 else ()))
+    if any(o is None for o in outs):
+        return None, detail, comps
+    result = "pass" if "pass" in outs else "fail" if all(o == "fail" for o in outs) else "inconclusive"
+    return result, detail, comps
+
+
+def max_attn_logit(result: dict) -> float | None:
+    """A run's largest pre-cap attention logit: the end-of-training probe's, or for a diverged run (no
+    probe) the last finite one logged in training; None when there is none."""
+    probe = result.get("probe")
+    if probe is not None:
+        return probe["max_attn_logit"]
+    logged = [r["max_attn_logit"] for r in result.get("history", []) if r.get("max_attn_logit") is not None]
+    return logged[-1] if logged else None
+
+
+def baseline_lr(results: Results) -> float | None:
+    """The best LR of model S's shared baseline grid (`protocol.baseline_specs`, arm "baseline") among these
+    results: the LR the claims that run "at the baseline's best LR" use; None until it is all recorded."""
+    return results.best_lr(arm="baseline")
 
 
 def mean_sensitivity(results: Results, **tags) -> float | None:
