@@ -24,7 +24,7 @@ from lecture3.grid import config_diff, grid, run_name
 
 _LAZY: dict[str, tuple[str, str | None]] = {  # name -> (module, attribute; None: the module itself)
     **{m: (f"lecture3.{m}", None) for m in ("accounting", "capture", "diagnostics", "hf", "losses", "optim",
-                                            "population", "presets")},
+                                            "population", "presets", "runtime")},
     "generate": ("lecture3.decoding", "generate"),
     **{n: ("lecture3.loop", n) for n in ("History", "Run", "evaluate", "init_params", "load_run", "train")},
     **{n: ("lecture3.model", n) for n in ("Output", "Transformer")},
@@ -57,6 +57,7 @@ __all__ = [
     "population",
     "presets",
     "run_name",
+    "runtime",
     "train",
 ]
 
