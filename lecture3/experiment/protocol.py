@@ -7,20 +7,31 @@ the seeds, the LR grid, and the scales a grid runs at.
              (theta 10k), pre-RMSNorm, no biases, tied embeddings, no dropout, float32
   M          S with d_model 64 (4 heads of 16), for the wide LR grids
   training   AdamW (0.9, 0.95, eps 1e-8), clip 1.0, weight decay 0.1, linear warmup over 5% of the steps
-             then cosine to 10% of the peak, batch 16 x 128, `STEPS` = 600 steps (1.2M tokens) unless a claim states otherwise
+             then cosine to 10% of the peak, batch 16 x 128, `STEPS` = 600 steps (1.2M tokens) unless a claim
+             states otherwise
   seeds      4 per configuration (paired by seed); a seed sets init, data order and dropout (train.seed = data.seed)
 
 A scale multiplies the same grids: `cpu` is the protocol as written; `gpu` widens the models about 3x
 in d_model (about 10x the parameters) and keeps every other choice. `quick` (the tests' mode) shrinks
 any config to a few steps of a tiny batch, so every claim's code path runs in seconds; it never gives
 a verdict.
+
+"The baseline's best LR" (claims 5, 6, 13, 15) is S's best LR over `LRS`, as the shared runs of claims 3
+and 4 (`baseline_specs`, the same configs, so the same records) find it: `baseline_best_lr(scale)` reads
+it from the pool of records, None until all of them are recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import json
+from pathlib import Path
 
 from lecture3.config import Config, DataConfig, ModelConfig, TrainConfig
+from lecture3.experiment import records, stats
+from lecture3.experiment.spec import RunSpec
 
 SEEDS = (0, 1, 2, 3)  # protocol v2: 4 seeds, comparisons paired by seed
 LRS = (1e-3, 3e-3, 1e-2)  # the protocol's 3-point grid for "best LR"
@@ -33,6 +44,8 @@ VAL_ROWS = 4096
 WARMUP_FRACTION = 0.05
 FINAL_LR_FRACTION = 0.1
 SCALES = ("cpu", "gpu")
+RESULTS = records.REPO / "experiments" / "results"  # reports per claim; the shared pool of records in runs/
+POOL = "runs"  # the folder of RESULTS (or of --results-dir) that holds every claim's run records
 GPU_WIDTH = 3  # d_model x3: about 10x the non-embedding parameters
 
 
@@ -92,3 +105,41 @@ def quick(cfg: Config) -> Config:
     train = dataclasses.replace(t, steps=3, batch_size=8, warmup_steps=min(t.warmup_steps, 1), log_every=1,
                                 eval_every=3, eval_batches=1, checkpoint_every=3)
     return Config(model=model, data=data, train=train, mesh=cfg.mesh, dist=cfg.dist)
+
+
+def baseline_specs(scale: str = "cpu") -> list[RunSpec]:
+    """Model S over `LRS` x `SEEDS`, tagged arm "baseline": the runs claims 3 and 4 share (their grids
+    hold these exact configs) and from which `baseline_best_lr` is read."""
+    return [RunSpec(config(model_s(), lr=lr, seed=seed, scale=scale), tags={"arm": "baseline", "lr": lr, "seed": seed})
+            for lr in LRS for seed in SEEDS]
+
+
+# (pool folder or None for RESULTS/POOL, quick): set by the runner while it builds a grid
+_GRID = contextvars.ContextVar("lecture3_experiment_grid", default=(None, False))
+
+
+@contextlib.contextmanager
+def building(pool: Path | None = None, quick: bool = False):
+    """While a grid is built: `baseline_best_lr` reads `pool` (None: the repository's), and in quick mode
+    answers `LRS[0]` (a quick grid never waits for the baseline)."""
+    token = _GRID.set((pool, quick))
+    try:
+        yield
+    finally:
+        _GRID.reset(token)
+
+
+def baseline_best_lr(scale: str = "cpu") -> float | None:
+    """S's best LR over `LRS` (the lowest mean final loss of `baseline_specs`), from the pool of records;
+    None until all of them are recorded."""
+    pool, quick = _GRID.get()
+    if quick:
+        return LRS[0]
+    folder = Path(pool) if pool is not None else RESULTS / POOL
+    by_lr: dict[float, list[float]] = {}
+    for spec in baseline_specs(scale):
+        path = folder / f"{spec.key}.json"
+        if not path.is_file():
+            return None
+        by_lr.setdefault(spec.tags["lr"], []).append(json.loads(path.read_text())["result"]["final_loss"])
+    return stats.best_lr(by_lr)

@@ -1,30 +1,43 @@
 """Run a claim's grid resumably: skip finished runs, run the rest (in this process or in worker
-processes pinned one per core), write one record per run, then the report.
+processes pinned one per core), write one record per run into the pool shared by every claim, then the
+claim's report.
 
-    lecture3 experiment c01            # run what is missing, then write report.md and the plots
+    lecture3 experiment c01            # run what is missing of claim 1, then write its report.md and plots
     lecture3 experiment c01 --run KEY  # one run of the grid (what a record's `command` says)
+
+Records live in one pool, `experiments/results/runs/<key>.json`: a run with the same config, measure and
+arguments is one key, run and recorded once whichever claims' grids hold it (model S's baseline LR grid
+serves claims 3 and 4 and gives the others "the baseline's best LR"). Reports stay per claim, in
+`experiments/results/<claim>/`. A grid that depends on the pool (`protocol.baseline_best_lr`) is built
+again after its runs finish, and runs again until it stops growing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from lecture3 import runtime
 from lecture3.errors import Lecture3Error
 from lecture3.experiment import protocol, records
-from lecture3.experiment.spec import Claim, Results, RunSpec
+from lecture3.experiment.spec import Claim, Results, RunSpec, tags_match
 
 EXPERIMENTS = records.REPO / "experiments"
-RESULTS = EXPERIMENTS / "results"
+RESULTS = protocol.RESULTS
 QUICK_RESULTS = EXPERIMENTS / "results-quick"  # git-ignored: the tests' and a user's smoke runs
+V1_RESULTS = EXPERIMENTS / "results-v1"  # protocol v1's records and reports, withdrawn, kept unchanged as history
+QUICK_SEEDS = 2  # a quick grid keeps the first two seeds of each arm: a paired comparison needs two
+# claims whose grids hold `protocol.baseline_specs`: `all` runs them first, so the others can read S's best LR
+BASELINE_CLAIMS = ("c03", "c04")
 
 
 class ExperimentError(Lecture3Error):
@@ -66,31 +79,77 @@ def module_of(claim: Claim):
     return sys.modules[f"lecture3_experiments.{claim.name}"]
 
 
-def grid(claim: Claim, scale: str = "cpu", quick: bool = False) -> list[RunSpec]:
-    """The claim's runs; in quick mode the first run of each (measure, arm), each config shrunk
-    (protocol.quick)."""
-    specs = claim.runs(scale)
+def grid(claim: Claim, scale: str = "cpu", quick: bool = False, root: Path | None = None) -> list[RunSpec]:
+    """The claim's runs as its grid stands now (a grid run at "the baseline's best LR" reads the pool of
+    `root`); in quick mode the first configuration of each (measure, arm) at its first `QUICK_SEEDS`
+    seeds, each config shrunk (protocol.quick)."""
+    with protocol.building(pool_dir(quick, root), quick):
+        specs = claim.runs(scale)
     keys = [s.key for s in specs]
     if len(set(keys)) != len(keys):
         raise ExperimentError(f"{claim.name}: two runs of the grid have the same config and measure")
     if not quick:
         return specs
-    first_seed = min((s.tags.get("seed", 0) for s in specs), default=0)
-    kept, seen = [], set()
+    seeds = sorted({s.tags.get("seed", 0) for s in specs})[:QUICK_SEEDS]
+    first: dict[tuple, dict] = {}  # (measure, arm) -> the tags (without the seed) of its first configuration
+    kept = []
     for s in specs:
-        if s.tags.get("seed", first_seed) != first_seed:
+        tags = {k: v for k, v in s.tags.items() if k != "seed"}
+        if first.setdefault((s.measure, str(s.tags.get("arm"))), tags) != tags or s.tags.get("seed", 0) not in seeds:
             continue
-        arm = (s.measure, str(s.tags.get("arm")))
-        if arm in seen:
-            continue
-        seen.add(arm)
         kept.append(dataclasses.replace(s, config=protocol.quick(s.config), args={**s.args, "quick": True}))
     return kept
 
 
 def results_dir(claim: Claim, scale: str, quick: bool, root: Path | None = None) -> Path:
+    """The folder of the claim's report and plots."""
     base = Path(root) if root is not None else (QUICK_RESULTS if quick else RESULTS)
     return base / (claim.name if scale == "cpu" else f"{claim.name}-{scale}")
+
+
+def pool_dir(quick: bool = False, root: Path | None = None) -> Path:
+    """The pool of run records every claim shares."""
+    return (Path(root) if root is not None else (QUICK_RESULTS if quick else RESULTS)) / protocol.POOL
+
+
+def pooled(pool: Path, specs: Iterable[RunSpec]) -> dict[str, dict]:
+    """The records of `specs` that the pool holds, by key."""
+    out = {}
+    for spec in specs:
+        path = pool / f"{spec.key}.json"
+        if path.is_file():
+            try:
+                out[spec.key] = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise records.RecordError(f"{path} is not a valid run record ({e}); delete it and rerun the "
+                                          "claim to redo that run") from None
+    return out
+
+
+def claim_results(claim: Claim, scale: str = "cpu", quick: bool = False, root: Path | None = None) -> Results:
+    """The claim's grid with the records the pool holds for it (runs nothing)."""
+    specs = grid(claim, scale, quick, root)
+    return Results(specs, pooled(pool_dir(quick, root), specs))
+
+
+def baseline_data(claim: Claim, specs: list[RunSpec]):
+    """(data config, batch size) of the claim's baseline arm (else its first training run): the rows the
+    report's references are scored on."""
+    train = [s for s in specs if s.measure == "train"]
+    base = [s for s in train if tags_match(s.tags, claim.baseline)]
+    if not (base or train):
+        cfg = protocol.config(protocol.model_s(), lr=protocol.LRS[0], seed=protocol.SEEDS[0])
+        return cfg.data, cfg.train.batch_size
+    spec = (base or train)[0]
+    return spec.config.data, spec.config.train.batch_size
+
+
+def claim_references(claim: Claim, specs: list[RunSpec]) -> dict:
+    """The references (count bigram, unigram entropy) on the validation rows of the claim's baseline."""
+    from lecture3.experiment import references
+
+    data, batch = baseline_data(claim, specs)
+    return references.references(data, batch)
 
 
 def run_args(claim: Claim, spec: RunSpec, scale: str, quick: bool, root: Path | None) -> list[str]:
@@ -124,8 +183,9 @@ def record_of(claim: Claim, spec: RunSpec, result: dict, wall: float, scale: str
     return {
         "key": spec.key, "claim": claim.name, "tags": spec.tags, "measure": spec.measure, "args": spec.args,
         "scale": scale, "quick": quick, "config": spec.config.to_dict(), "commit": records.commit(),
-        "uncommitted": dirty, "machine": records.machine(), "command": command(claim, spec, scale, quick, root),
-        "wall_s": wall, "finished": records.now(), "result": result,
+        "uncommitted": dirty, "machine": records.machine(), "environment": records.environment(spec.config),
+        "command": command(claim, spec, scale, quick, root), "wall_s": wall, "finished": records.now(),
+        "result": result,
     }
 
 
@@ -152,16 +212,17 @@ def _prepare_data(specs: list[RunSpec]) -> None:
         dataio.validation_batches(d, s.config.train.batch_size)
 
 
-def run_one(claim: Claim, spec: RunSpec, folder: Path, scale: str, quick: bool, root: Path | None,
-            dirty: list[str]) -> dict:
+def run_one(claim: Claim, spec: RunSpec, scale: str, quick: bool, root: Path | None, dirty: list[str]) -> dict:
+    """Run `spec` in this process and write its record into the pool."""
     t0 = time.perf_counter()
     result = execute(claim, spec)
     rec = record_of(claim, spec, result, time.perf_counter() - t0, scale, quick, root, dirty)
-    records.write(folder / "runs", rec)
+    records.write(pool_dir(quick, root), rec)
     return rec
 
 
 PIN_ENV = "LECTURE3_PIN_CORE"  # a worker pins itself to this core before jax starts (no fork of a jax process)
+WORKER_ENV = "LECTURE3_EXPERIMENT_WORKER"  # set in a worker's environment: it runs one spec for a runner
 
 
 def pin_from_env() -> None:
@@ -173,7 +234,7 @@ def pin_from_env() -> None:
 def _worker_env(core: int | None) -> dict:
     """A pinned worker runs XLA's CPU kernels on its one core without Eigen's thread pool (a pool of
     threads sharing one core only switches between them)."""
-    env = dict(os.environ)
+    env = {**os.environ, WORKER_ENV: "1"}
     if core is not None:
         env[PIN_ENV] = str(core)
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
@@ -216,7 +277,7 @@ def program_key(spec: RunSpec) -> str:
     return json.dumps([cfg.to_dict(), spec.args], sort_keys=True, default=str)
 
 
-def _run_populations(claim, specs, folder, scale, quick, root, dirty, echo) -> None:
+def _run_populations(claim, specs, scale, quick, root, dirty, echo) -> None:
     from lecture3.experiment.runs import population_runs
 
     groups: dict[str, list[RunSpec]] = {}
@@ -227,7 +288,7 @@ def _run_populations(claim, specs, folder, scale, quick, root, dirty, echo) -> N
         results = population_runs([s.config for s in group], group[0].args)
         wall = (time.perf_counter() - t0) / len(group)
         for spec, result in zip(group, results, strict=True):
-            records.write(folder / "runs", record_of(claim, spec, result, wall, scale, quick, root, dirty))
+            records.write(pool_dir(quick, root), record_of(claim, spec, result, wall, scale, quick, root, dirty))
         echo(f"  [population {i}/{len(groups)}] {len(group)} members ({group[0].label} ...) "
              f"{time.perf_counter() - t0:.0f} s")
 
@@ -235,24 +296,45 @@ def _run_populations(claim, specs, folder, scale, quick, root, dirty, echo) -> N
 def run_claim(claim: Claim, *, scale: str = "cpu", quick: bool = False, jobs: int | None = None,
               root: Path | None = None, allow_dirty: bool = False, echo: Callable = print,
               engine: str = "auto") -> Results:
-    """Run every missing run of the claim's grid, then write its report; returns the results."""
-    specs = grid(claim, scale, quick)
-    folder = results_dir(claim, scale, quick, root)
-    dirty = _check_clean(quick, root, allow_dirty)
-    done = records.read_all(folder / "runs")
-    todo = [s for s in specs if s.key not in done]
-    echo(f"{claim.name}: {len(specs) - len(todo)}/{len(specs)} runs done; {len(todo)} to run in {folder}")
-    jobs = default_jobs() if jobs is None else jobs
-    shared = [s for s in todo if not s.exclusive]
-    alone = [s for s in todo if s.exclusive]
-    if todo:
-        _prepare_data(todo)
+    """Run every missing run of the claim's grid (building the grid again after each pass, until it stops
+    growing), then write its report; returns the results."""
     if engine not in ENGINES:
         raise ExperimentError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    pool = pool_dir(quick, root)
+    dirty = _check_clean(quick, root, allow_dirty)
+    jobs = default_jobs() if jobs is None else jobs
     engine = default_engine(jobs) if engine == "auto" else engine
+    attempted: set[str] = set()
+    while True:
+        specs = grid(claim, scale, quick, root)
+        done = pooled(pool, specs)
+        todo = [s for s in specs if s.key not in done]
+        echo(f"{claim.name}: {len(specs) - len(todo)}/{len(specs)} runs done; {len(todo)} to run "
+             f"(records in {pool})")
+        if not todo:
+            break
+        again = [s for s in todo if s.key in attempted]
+        if again:
+            raise ExperimentError(f"{claim.name}: the run {again[0].label} ({again[0].key}) finished but its record "
+                                  f"is not in {pool}: check that the folder is writable and rerun")
+        attempted.update(s.key for s in todo)
+        _run_pass(claim, todo, engine, jobs, scale, quick, root, allow_dirty, dirty, echo)
+    results = Results(specs, done)
+    from lecture3.experiment import report
+
+    refs = claim_references(claim, specs)
+    path = report.write(claim, results, results_dir(claim, scale, quick, root), refs, scale=scale, quick=quick)
+    echo(f"{claim.name}: {report.verdict_line(claim, results, refs, quick)}; wrote {path}")
+    return results
+
+
+def _run_pass(claim, todo, engine, jobs, scale, quick, root, allow_dirty, dirty, echo) -> None:
+    """Run `todo` with `engine`: timing measurements (`exclusive`) alone, in this process, after the rest."""
+    _prepare_data(todo)
+    shared = [s for s in todo if not s.exclusive]
+    alone = [s for s in todo if s.exclusive]
     if engine == "population":
-        pop = [s for s in shared if s.measure == "train"]
-        _run_populations(claim, pop, folder, scale, quick, root, dirty, echo)
+        _run_populations(claim, [s for s in shared if s.measure == "train"], scale, quick, root, dirty, echo)
         alone = [s for s in shared if s.measure != "train"] + alone
     elif engine == "processes" and len(shared) > 1:
         _run_workers(claim, shared, max(jobs, 1), scale, quick, root, allow_dirty, echo)
@@ -260,51 +342,61 @@ def run_claim(claim: Claim, *, scale: str = "cpu", quick: bool = False, jobs: in
         alone = shared + alone
     for i, spec in enumerate(alone, 1):
         t0 = time.perf_counter()
-        run_one(claim, spec, folder, scale, quick, root, dirty)
+        run_one(claim, spec, scale, quick, root, dirty)
         echo(f"  [{i}/{len(alone)}] {spec.label} ({spec.measure}) {time.perf_counter() - t0:.0f} s")
-    results = Results(specs, records.read_all(folder / "runs"))
-    from lecture3.experiment import report
-
-    path = report.write(claim, results, folder, scale=scale, quick=quick)
-    echo(f"{claim.name}: {report.verdict_line(claim, results, quick)}; wrote {path}")
-    return results
 
 
 def _run_workers(claim, specs, jobs, scale, quick, root, allow_dirty, echo) -> None:
     """Each spec in its own `lecture3 experiment NAME --run KEY` process, `jobs` at a time, one per core."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None] * jobs
-    free = list(cores[:jobs]) if len(cores) >= jobs else [None] * jobs
-    pending = list(specs)
-    running: dict[subprocess.Popen, tuple] = {}
-    failures = []
-    n = 0
-    while pending or running:
-        while pending and free:
-            spec, core = pending.pop(0), free.pop(0)
-            cmd = [sys.executable, "-m", "lecture3", *run_args(claim, spec, scale, quick, root)]
-            cmd += ["--allow-dirty"] if allow_dirty else []
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=_worker_env(core), stderr=subprocess.STDOUT,
-                                    text=True)
-            running[proc] = (spec, core, time.perf_counter())
-        time.sleep(0.2)
-        for proc in [p for p in running if p.poll() is not None]:
-            spec, core, t0 = running.pop(proc)
-            free.append(core)
-            n += 1
-            out = proc.stdout.read() if proc.stdout else ""
-            if proc.returncode != 0:
-                failures.append((spec, out))
-                echo(f"  [{n}/{len(specs)}] {spec.label}: FAILED (rc {proc.returncode})\n{out[-2000:]}")
-            else:
-                echo(f"  [{n}/{len(specs)}] {spec.label} ({spec.measure}) {time.perf_counter() - t0:.0f} s"
-                     f"{'' if core is None else f' on core {core}'}")
+    commands = [(f"{s.label} ({s.measure})", [sys.executable, "-m", "lecture3", *run_args(claim, s, scale, quick, root),
+                                              *(["--allow-dirty"] if allow_dirty else [])]) for s in specs]
+    failures = run_processes(commands, jobs, echo)
     if failures:
         raise ExperimentError(f"{len(failures)} run(s) of {claim.name} failed (output above); the finished runs "
                               "are recorded: fix the cause and rerun to do the rest")
 
 
-def find(claim: Claim, key: str, scale: str, quick: bool) -> RunSpec:
-    for s in grid(claim, scale, quick):
+def run_processes(commands: list[tuple[str, list[str]]], jobs: int, echo: Callable = print) -> list[tuple[str, str]]:
+    """Run each (label, argv) in its own process, `jobs` at a time, each pinned to a core of its own.
+    A worker's output goes to a temporary file, never to a pipe left unread while it runs (a pipe holds
+    64 KiB: a worker that prints more would block forever). Returns (label, output) of each that failed."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    free = list(cores[:jobs]) if len(cores) >= jobs else [None] * jobs
+    pending = list(commands)
+    running: dict[subprocess.Popen, tuple] = {}
+    failures = []
+    n = 0
+    try:
+        while pending or running:
+            while pending and free:
+                (label, argv), core = pending.pop(0), free.pop(0)
+                out = tempfile.TemporaryFile("w+")
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=_worker_env(core), text=True)
+                running[proc] = (label, core, out, time.perf_counter())
+            time.sleep(0.2)
+            for proc in [p for p in running if p.poll() is not None]:
+                label, core, out, t0 = running.pop(proc)
+                free.append(core)
+                n += 1
+                out.seek(0)
+                text = out.read()
+                out.close()
+                if proc.returncode != 0:
+                    failures.append((label, text))
+                    echo(f"  [{n}/{len(commands)}] {label}: FAILED (rc {proc.returncode})\n{text[-2000:]}")
+                else:
+                    echo(f"  [{n}/{len(commands)}] {label} {time.perf_counter() - t0:.0f} s"
+                         f"{'' if core is None else f' on core {core}'}")
+    finally:  # interrupted: no worker outlives the runner
+        for proc, (_, _, out, _) in running.items():
+            proc.kill()
+            proc.wait()
+            out.close()
+    return failures
+
+
+def find(claim: Claim, key: str, scale: str, quick: bool, root: Path | None = None) -> RunSpec:
+    for s in grid(claim, scale, quick, root):
         if s.key == key:
             return s
     raise ExperimentError(f"no run {key!r} in {claim.name}'s {'quick ' if quick else ''}{scale} grid: "

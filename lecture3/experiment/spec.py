@@ -23,7 +23,8 @@ from typing import Any
 from lecture3.config import Config
 from lecture3.experiment import stats
 
-RECORD_VERSION = 1  # bump when a change to the harness changes what a record holds or means
+RECORD_VERSION = 2  # bump when a change to the harness changes what a record holds or means (2: protocol v2,
+# its data pipeline: rows drawn from the whole training split, the whole validation split)
 # Config fields added after records were first written, with the value that is the code before them: a
 # field at that value is left out of the key, so adding it keeps the records of the runs it does not
 # change; any other value is in the key. Only for implementation choices that leave the maths unchanged.
@@ -191,6 +192,11 @@ def _same(a, b) -> bool:
         except (TypeError, ValueError):
             return False
     return a == b
+
+
+def tags_match(tags: dict, wanted: dict) -> bool:
+    """`tags` hold every tag of `wanted` (floats compared to a relative 1e-9: 3e-3 is 0.003)."""
+    return all(_same(tags.get(k), v) for k, v in wanted.items())
 
 
 def need(results: Results, **tags) -> bool:
