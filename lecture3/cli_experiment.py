@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 from pathlib import Path
 
@@ -263,16 +262,6 @@ def _update_readme(args) -> int:
     return 0
 
 
-def key_comparison(results, criteria) -> str:
-    """The first comparison of the claim's criteria, with its CI (– while none is judged)."""
-    for c in criteria:
-        for _, p in c.comparisons:
-            lo, hi = p.ci
-            rel = "" if math.isnan(p.relative) else f", {100 * p.relative:+.1f}%"
-            return f"{c.name} {p.label}: {p.d:+.4f} {p.unit} [{lo:+.4f}, {hi:+.4f}{rel}]: {p.outcome}"
-    return ""
-
-
 def v1_verdict(claim) -> str:
     """The verdict v1 gave (its report's last "Verdict:" line), kept as history in results-v1/."""
     from lecture3.experiment import runner
@@ -287,7 +276,7 @@ def v1_verdict(claim) -> str:
 def _markdown_row(claim, results, verdict, folder) -> str:
     from lecture3.experiment import records, report
 
-    key = key_comparison(results, report.judged(claim, results)) if results.rows else ""
+    key = report.key_comparison(report.judged(claim, results)) if results.rows else ""
     try:
         rel = (folder / "report.md").relative_to(records.REPO)
     except ValueError:

@@ -22,12 +22,14 @@
 # QK-norm and soft-capping keep the softmaxes stable; MQA / GQA shrink the KV cache; sliding windows keep
 # most of the quality; dropout is unnecessary in one-epoch pre-training.
 #
-# `experiments/` turns each into a grid of training runs with criteria fixed before any run
-# (`experiments/README.md`); each finished run leaves a JSON record under
-# `experiments/results/<claim>/runs/`, and `lecture3 experiment <claim>` writes `report.md` and its plots
-# next to them. This notebook reruns nothing: it reads the records through the harness itself
-# (`lecture3.experiment.runner`, `records`, `report`), so its verdicts are the reports' verdicts. A claim is
-# "incomplete" until every run of its grid is recorded; that is shown as it is.
+# `experiments/` turns each into a grid of training runs with criteria fixed before any run (protocol v2,
+# `experiments/README.md`): every comparison is paired by seed with a 95% CI, and a criterion passes, fails
+# or is inconclusive. Each finished run leaves a JSON record in the pool every claim shares,
+# `experiments/results/runs/`, and `lecture3 experiment <claim>` writes `results/<claim>/report.md` and its
+# plots. This notebook reruns nothing: it reads the records through the harness itself
+# (`lecture3.experiment.runner`, `report`), so its verdicts are the reports' verdicts. A claim is
+# "incomplete" until every run of its grid is recorded; that is shown as it is. Protocol v1's verdicts
+# (withdrawn: `experiments/results-v1/`) are shown beside them as history.
 
 # %%
 import os
@@ -38,8 +40,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from lecture3.experiment import records, report, runner
-from lecture3.experiment.spec import Results
+from lecture3.cli_experiment import v1_verdict
+from lecture3.experiment import report, runner
 
 QUICK = os.environ.get("LECTURE3_NOTEBOOK_QUICK", "") not in ("", "0")  # the tests run every notebook quick
 FIGURE = None if QUICK else Path("figures") / "claims_dashboard.png"  # quick mode writes nothing
@@ -71,45 +73,55 @@ def plots_of(folder: Path) -> list[tuple[Path, str]]:
 claims = []
 for path in runner.claim_files():
     claim = runner.load(path.stem)
-    specs = runner.grid(claim, SCALE)
+    results = runner.claim_results(claim, SCALE, root=ROOT)
+    # the references (a count bigram fitted on the training split) are needed once a verdict is due
+    refs = runner.claim_references(claim, results.specs) if results.complete else None
+    criteria = report.judged(claim, results)
     folder = runner.results_dir(claim, SCALE, False, ROOT)
-    results = Results(specs, records.read_all(folder / "runs"))
     claims.append({
         "claim": claim, "results": results, "folder": folder,
-        "verdict": report.verdict_of(claim, results),
-        "key": claim.key_number(results) if results.rows else "",
-        "criteria": report.judged(claim, results),
+        "verdict": report.verdict_of(claim, results, refs), "v1": v1_verdict(claim),
+        "key": report.key_comparison(criteria) if results.rows else "",
+        "criteria": criteria,
         "plots": plots_of(folder),
         "wall_h": sum(r["wall_s"] for _, r in results.rows) / 3600,
     })
 
-rows = ["| # | claim | verdict | key number | runs | compute so far | report |", "|---|---|---|---|---|---|---|"]
+
+def cell(text) -> str:
+    """A markdown table cell: a `|` (as in |log Z|) would end it."""
+    return str(text).replace("|", "\\|")
+
+
+rows = ["| # | claim | verdict | key comparison (95% CI) | runs | compute so far | v1 (withdrawn) |",
+        "|---|---|---|---|---|---|---|"]
 for c in claims:
     r = c["results"]
-    rel = c["folder"] / "report.md"
-    rows.append(f"| {c['claim'].number} | {c['claim'].title} | {c['verdict']} | {c['key'] or '–'} | "
-                f"{len(r.rows)}/{len(r.specs)} | {c['wall_h']:.1f} h | {'yes' if rel.is_file() else '–'} |")
+    rows.append(f"| {c['claim'].number} | {cell(c['claim'].title)} | {c['verdict']} | {cell(c['key'] or '–')} | "
+                f"{len(r.rows)}/{len(r.specs)} | {c['wall_h']:.1f} h | {cell(c['v1'])} |")
 display(Markdown("\n".join(rows)))
 done = sum(len(c["results"].rows) for c in claims)
 total = sum(len(c["results"].specs) for c in claims)
-judged = [c for c in claims if c["verdict"] != "incomplete" and not c["verdict"].startswith("incomplete")]
+judged = [c for c in claims if not c["verdict"].startswith("incomplete")]
 print(f"{done}/{total} runs recorded; {len(judged)} of {len(claims)} claims have a verdict; "
       f"{sum(c['wall_h'] for c in claims):.1f} h of recorded compute")
 
 # %% [markdown]
 # ## Claim by claim: the criteria and the key plot
 #
-# Each criterion was written before the runs; `passed` is None (not judged) while the runs it needs are
-# missing. The key plot is the first figure of the claim's report.
+# Each criterion was written before the runs; it passes, fails or is inconclusive (its 95% CI straddles
+# the line it must clear), and is not judged while the runs it needs are missing. Each comparison shows d,
+# its CI, d relative to mean(B) and its outcome. The key plot is the first figure of the claim's report.
 
 # %%
 def show_claim(c):
     claim, r = c["claim"], c["results"]
     lines = [f"### {claim.short}: {claim.title}", "", f"**{c['verdict']}** ({len(r.rows)}/{len(r.specs)} runs)"
              + (f"; key number: {c['key']}" if c["key"] else ""), ""]
-    marks = {True: "pass", False: "**fail**", None: "not judged yet"}
-    lines += [f"- {k.name} {k.text}: {marks[k.passed]}" + (f" ({k.detail})" if k.passed is not None else "")
-              for k in c["criteria"]]
+    marks = {"pass": "pass", "fail": "**fail**", "inconclusive": "*inconclusive*", None: "not judged yet"}
+    for k in c["criteria"]:
+        lines.append(f"- {k.name} {k.text}: {marks[k.outcome]}")
+        lines += [f"    - {p}" for _, p in k.comparisons]
     lines += ["", f"reproduce: `lecture3 experiment {claim.short}`"]
     display(Markdown("\n".join(lines)))
     if c["plots"]:
@@ -128,7 +140,8 @@ for c in claims:
 # ## One picture of where the evidence stands
 
 # %%
-COLOURS = {"reproduced": "#2a9d8f", "partly reproduced": "#e9c46a", "not reproduced": "#e76f51"}
+COLOURS = {"reproduced": "#2a9d8f", "partly reproduced": "#e9c46a", "not reproduced": "#e76f51",
+           "inconclusive": "#a8dadc", report.UNDER_TRAINED: "#457b9d"}
 with_plots = [c for c in claims if c["plots"]][:6]
 fig = plt.figure(figsize=(15, 4.5 + 3.2 * ((len(with_plots) + 2) // 3)))
 grid = fig.add_gridspec(1 + (len(with_plots) + 2) // 3, 3, height_ratios=[1.6] + [1] * ((len(with_plots) + 2) // 3))
@@ -162,13 +175,12 @@ plt.show()
 # %% [markdown]
 # ## What was measured
 #
-# Nothing is measured here: the dashboard reads what the claims' runs recorded. At its last full run (for
-# `notebooks/figures/claims_dashboard.png`), this checkout held 34 of the 320 runs: claim 4 (biases can be
-# dropped) reproduced, claim 6 (parallel blocks) reproduced at CPU scale with a measured step-time
-# speed-up of 1.035x rather than the lecture's ~15%, and claim 9 (weight decay through the schedule) not
-# reproduced; the other 12 claims were "incomplete (0/N runs done)". `lecture3 experiment all` runs the
-# rest, resumably; rerun this notebook to see each new verdict, its criteria with their numbers, and its
-# plots.
+# Nothing is measured here: the dashboard reads what the claims' runs recorded. Protocol v1's 320 runs
+# (300 steps, batches of single files, a 15-file validation set) were withdrawn once its model S turned
+# out worse than a count bigram; their verdicts stay as history in the last column. The v2 pool starts
+# empty: `lecture3 experiment all` runs it (claims 3 and 4 first, since the others run at their best LR),
+# resumably; rerun this notebook to see each new verdict, its criteria with their comparisons, and its
+# plots. `lecture3 experiment --summary` draws every comparison with its CI in one forest plot.
 #
 # Wall time at full settings: 5 s on a 2-core CPU (kernel start included); this run's:
 

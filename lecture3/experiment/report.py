@@ -76,6 +76,16 @@ def verdict_line(claim: Claim, results: Results, refs: dict | None, quick: bool 
     return f"Verdict: {verdict_of(claim, results, refs, quick)}"
 
 
+def key_comparison(criteria: Sequence[Criterion]) -> str:
+    """The first comparison of a claim's criteria, compactly, with its CI ("" while none is judged)."""
+    for c in criteria:
+        for _, p in c.comparisons:
+            lo, hi = p.ci
+            rel = "" if math.isnan(p.relative) else f", {100 * p.relative:+.1f}%"
+            return f"{c.name} {p.label}: {p.d:+.4f} {p.unit} [{lo:+.4f}, {hi:+.4f}{rel}]: {p.outcome}"
+    return ""
+
+
 def _arm(tags: dict) -> tuple:
     return tuple((k, v) for k, v in tags.items() if k != "seed")
 
