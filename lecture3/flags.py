@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import inspect
 import re
 import types
@@ -25,10 +26,38 @@ class UsageError(Lecture3Error):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag prints one line and where the list is, not the whole usage (66 lines)."""
+    """argparse, but a bad flag prints one line and where the list is, not the whole usage (66 lines).
+
+    No abbreviations (`--train.step` is not taken for `--train.steps`), and a flag no parser knows is
+    reported by the subcommand's parser (`lecture3 train --help`, where the flags are), with close matches.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # subparsers are made by this class too
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the flags and values)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self.chosen(parsed)
+            known = [s for a in parser._actions for s in a.option_strings]
+            close = {f: difflib.get_close_matches(f.partition("=")[0], known, n=1) for f in extras
+                     if f.startswith("-")}
+            hints = "; ".join(f"{f}: did you mean {m[0]}?" for f, m in close.items() if m)
+            parser.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({hints})" if hints else ""))
+        return parsed
+
+    def chosen(self, args: argparse.Namespace) -> argparse.ArgumentParser:
+        """The innermost subcommand's parser that `args` went through (self without subcommands)."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                sub = action.choices.get(getattr(args, action.dest, None))
+                if sub is not None:
+                    return sub.chosen(args) if isinstance(sub, ArgumentParser) else sub
+        return self
 
 
 _NONE = "none"
