@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 
 from lecture3.config import Config, DistConfig, MeshConfig, ModelConfig, TrainConfig
@@ -26,23 +27,47 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    from lecture3 import presets
     from lecture3.flags import UsageError, dataclass_from_args
 
     base = Config()
-    model = base.model
-    if args.preset is not None:
-        family, _, size = args.preset.partition(":")
-        try:
-            model = presets.get(family, size=size or "tiny")
-        except ValueError as e:
-            raise UsageError(f"--preset {args.preset!r}: {e}") from None
+    model = base.model if args.preset is None else preset_model(args.preset)
     sections = {"model": model, "data": base.data, "train": base.train, "mesh": base.mesh, "dist": base.dist}
     built = {p: dataclass_from_args(args, p, cls, sections[p]) for p, cls in SECTIONS}
     try:
         return Config(**built)
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+def preset_model(text: str) -> ModelConfig:
+    """The model of `--preset FAMILY:SIZE`; a family without its size is an error listing the sizes."""
+    from lecture3 import presets
+    from lecture3.flags import UsageError
+
+    family, _, size = text.partition(":")
+    try:
+        if not size:
+            raise ValueError("name a size: one of " + ", ".join(f"{family}:{s}" for s in presets.sizes(family)))
+        return presets.get(family, size=size)
+    except ValueError as e:
+        raise UsageError(f"--preset {text!r}: {e}") from None
+
+
+def header(cfg: Config, preset: str | None) -> str:
+    """One line on what is about to train: the model (preset or custom, and the fields changed from it),
+    the data and tokenizer, and the tokens per step and in all."""
+    base = Config().model if preset is None else preset_model(preset)
+    changed = [f"{f.name}={getattr(cfg.model, f.name)}" for f in dataclasses.fields(ModelConfig)
+               if f.init and getattr(cfg.model, f.name) != getattr(base, f.name)]
+    shown = ", ".join(changed[:4]) + (f", +{len(changed) - 4} more" if len(changed) > 4 else "")
+    if preset is None:
+        model = "custom" + (f" ({shown})" if changed else " (the default model, no --preset)")
+    else:
+        model = preset + (f" with {shown}" if changed else "")
+    tc, per_step = cfg.train, cfg.train.batch_size * cfg.data.seq_len
+    return (f"training: model {model}; data {cfg.data.source}, tokenizer {cfg.data.tokenizer}; "
+            f"{tc.batch_size} rows x {cfg.data.seq_len} = {per_step:,} tokens per step x {tc.steps:,} steps "
+            f"= {per_step * tc.steps:,} tokens")
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +99,7 @@ def _run_train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     cfg = config_from_args(args)
     loop.check_inputs(cfg, args.workdir)  # a bad path, glob or mesh is the first and only thing printed
+    print(header(cfg, args.preset))
     print(accounting.summary(cfg.model, cfg.data.seq_len))
     out = loop.train(cfg, workdir=args.workdir)
     m = out.metrics
