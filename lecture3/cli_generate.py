@@ -12,13 +12,15 @@ A prompt plus --max-new-tokens past the model's max_seq_len is an error before a
 lets a RoPE / ALiBi / relative model extrapolate on purpose); more than a few hundred new tokens show a
 progress bar on stderr. --stop-token ID (repeatable) ends a row when it emits that token: the row is
 printed up to and including it. --logprobs prints, after each row, the log-probability of each new token
-under the model (before temperature / top-k / top-p) and their sum.
+under the model (before temperature / top-k / top-p) and their sum. Sampling (--temperature above 0) draws a
+fresh seed each run and prints it on stderr; --seed N repeats that run.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import secrets
 import sys
 import time
 
@@ -33,11 +35,17 @@ def add_generate_args(parser: argparse.ArgumentParser) -> None:
                         help="text to continue (needs a tokenizer); repeat for a batch")
     parser.add_argument("--tokens", action="append", default=[], metavar="IDS",
                         help="a prompt as comma-separated token ids, e.g. 1,2,3; repeat for a batch")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else sample")
-    parser.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set of mass p")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", default=64,
+                        help="tokens to generate per prompt (default: 64)")
+    parser.add_argument("--temperature", type=float, metavar="T", default=0.0,
+                        help="0 = greedy; else sample (default: 0, greedy)")
+    parser.add_argument("--top-k", type=int, metavar="K", default=None,
+                        help="sample from the k most likely tokens (default: none, every token)")
+    parser.add_argument("--top-p", type=float, metavar="P", default=None,
+                        help="nucleus sampling: smallest set of mass p (default: none, the whole distribution)")
+    parser.add_argument("--seed", type=int, metavar="N", default=None,
+                        help="random seed of the sampling (default: a fresh one each run, printed on stderr so "
+                        "that --seed N repeats the run)")
     parser.add_argument("--stop-token", type=int, action="append", default=[], metavar="ID",
                         help="a token id that ends a row when generated (e.g. the EOS id); repeat for several")
     parser.add_argument("--logprobs", action="store_true",
@@ -100,6 +108,11 @@ def _prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
     return prompts
 
 
+def sampling_seed(seed: int | None) -> int:
+    """`seed`, or a fresh one (a run without --seed samples anew, not the training run's sample again)."""
+    return secrets.randbelow(2**31) if seed is None else seed
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Load the model, generate, print each row (text when there is a tokenizer, else ids); 0 if done."""
     import jax
@@ -108,8 +121,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
     cfg, params, tokenizer = _load(args)  # bad input raises a Lecture3Error: `lecture3` prints one line
     prompts = _prompts(args, tokenizer)
+    seed = sampling_seed(args.seed)
+    if args.temperature > 0:
+        print(f"[seed {seed}: --seed {seed} repeats this sample]", file=sys.stderr)
     start = time.perf_counter()
-    res = generate(cfg, params, prompts, args.max_new_tokens, rng=jax.random.key(args.seed),
+    res = generate(cfg, params, prompts, args.max_new_tokens, rng=jax.random.key(seed),
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    stop_tokens=tuple(args.stop_token), return_logprobs=True,
                    allow_past_max_seq_len=args.allow_long, progress=True)
