@@ -78,10 +78,14 @@ def run_data(capsys, *argv):
 
 
 def test_data_prints_corpus_statistics(corpus, tmp_path, capsys):
-    code, out, _ = run_data(capsys, "--source", f"files:{corpus}/*.txt", "--data.data-dir",
-                            str(tmp_path / "c"), "--data.seq-len", "16", "--tokenizer", "bytes",
-                            "--data.val-fraction", "0.3")
+    """On a fresh cache, building the local corpus says so in one line; tfds' "Downloading and preparing
+    dataset" note is not shown (nothing is downloaded)."""
+    code, out, err = run_data(capsys, "--source", f"files:{corpus}/*.txt", "--data.data-dir",
+                              str(tmp_path / "c"), "--data.seq-len", "16", "--tokenizer", "bytes",
+                              "--data.val-fraction", "0.3")
     assert code == 0
+    assert f"building the corpus of files:{corpus}/*.txt from " in err and "(nothing is downloaded)" in err
+    assert "ownload" not in err.replace("nothing is downloaded", "") and "prepared" not in err + out
     for key in ("train documents", "train bytes", "train tokens", "bytes/token", "vocab size", "259",
                 "validation sequences", "sample", "document number"):
         assert key in out

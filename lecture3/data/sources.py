@@ -116,11 +116,15 @@ def build_local(cfg: DataConfig, kind: str, root: str, files: Files, *, progress
     final = os.path.join(datasets, f"{kind}-{tag}{fingerprint[:16]}")
     if not os.path.isdir(final):
         with build_atomically(final, prefix=f".tmp-{kind}-") as tmp:
-            tfds.display_progress_bar(progress)
+            tfds.display_progress_bar(False)  # its bars name the temporary folder's shards
             builder = Lecture3Text(documents=split_files(files, cfg.val_fraction), data_dir=tmp,
                                    file_format="array_record")
-            # tfds prints its notes to stdout; keep stdout for the caller's own output.
-            with contextlib.redirect_stdout(sys.stderr if progress else io.StringIO()):
+            # tfds prints "Downloading and preparing dataset ..." to stdout: nothing is downloaded here (and
+            # stdout is the caller's), so its notes are dropped and one line says what happens.
+            if progress:
+                print(f"building the corpus of {cfg.source} from {len(files):,} local files (nothing is "
+                      f"downloaded) into {final}", file=sys.stderr)
+            with contextlib.redirect_stdout(io.StringIO()):
                 builder.download_and_prepare(file_format="array_record")
             shutil.rmtree(os.path.join(tmp, "downloads"), ignore_errors=True)
     return os.path.join(final, _BUILDER_SUBDIR)
