@@ -212,12 +212,14 @@ class History(list):
         return [(r["step"], r[key]) for r in self if key in r]
 
     def to_pandas(self):
-        """A DataFrame indexed by step (needs pandas: `pip install pandas`)."""
+        """A DataFrame, one row per record and `step` its first column (`df.plot(x="step", y="loss")`,
+        `df.set_index("step")`); needs pandas: `pip install pandas`."""
         try:
             import pandas as pd
         except ModuleNotFoundError:
             raise Lecture3Error("History.to_pandas needs pandas: pip install pandas (or use to_list())") from None
-        return pd.DataFrame(self.to_list()).set_index("step")
+        df = pd.DataFrame(self.to_list())
+        return df[["step", *(c for c in df.columns if c != "step")]] if "step" in df.columns else df
 
     @property
     def df(self):

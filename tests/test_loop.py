@@ -226,14 +226,16 @@ def test_a_resume_keeps_tensorboard_history_and_metrics_in_step(tmp_path, capsys
     assert json.loads((wd / "config.json").read_text())["train"]["sample_tokens"] == 0
 
 
-def test_history_to_pandas_is_a_frame_indexed_by_step(monkeypatch):
+def test_history_to_pandas_keeps_step_as_a_column(monkeypatch):
     pd = pytest.importorskip("pandas")
-    history = loop.History([{"step": 10, "loss": 3.0, "lr": 1e-3}, {"step": 20, "loss": 2.5, "lr": 2e-3,
+    history = loop.History([{"loss": 3.0, "step": 10, "lr": 1e-3}, {"step": 20, "loss": 2.5, "lr": 2e-3,
                                                                       "val_loss": 2.7}])
     df = history.to_pandas()
-    assert isinstance(df, pd.DataFrame) and df.index.name == "step" and list(df.index) == [10, 20]
-    assert list(df.columns) == ["loss", "lr", "val_loss"]
-    assert df.loc[20, "loss"] == 2.5 and math.isnan(df.loc[10, "val_loss"]) and df.loc[20, "val_loss"] == 2.7
+    assert isinstance(df, pd.DataFrame) and list(df.columns) == ["step", "loss", "lr", "val_loss"]
+    assert list(df["step"]) == [10, 20] and list(df.sort_values("step")["loss"]) == [3.0, 2.5]
+    by_step = df.set_index("step")
+    assert by_step.loc[20, "loss"] == 2.5 and by_step.loc[20, "val_loss"] == 2.7
+    assert math.isnan(by_step.loc[10, "val_loss"])
     assert history.df.equals(df)
     monkeypatch.setitem(sys.modules, "pandas", None)  # as if pandas were not installed
     with pytest.raises(lecture3.Lecture3Error, match="History.to_pandas needs pandas: pip install pandas"):
