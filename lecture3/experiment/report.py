@@ -380,9 +380,9 @@ def summary(entries: Sequence[tuple[Claim, Results]], path: Path) -> Path:
     """The suite's forest plot: every comparison of every claim's criteria, from whatever records exist."""
     rows = [(f"{claim.short} {c.name} {p.label}", p) for claim, results in entries
             for c in judged(claim, results) for _, p in c.comparisons]
-    done = sum(len(r.rows) for _, r in entries)
-    total = sum(len(r.specs) for _, r in entries)
-    return forest(rows, path, f"every comparison of the claims' criteria ({done}/{total} runs recorded)")
+    done = {s.key for _, r in entries for s, _ in r.rows}  # a run shared by claims counts once
+    total = {s.key for _, r in entries for s in r.specs}
+    return forest(rows, path, f"every comparison of the claims' criteria ({len(done)}/{len(total)} runs recorded)")
 
 
 def forest(rows: Sequence[tuple[str, stats.Paired]], path: Path, title: str = "") -> Path:
@@ -390,7 +390,11 @@ def forest(rows: Sequence[tuple[str, stats.Paired]], path: Path, title: str = ""
     of its statement drawn as grey ticks, coloured by outcome. A comparison without a reference (a per-seed
     quantity against 0) is written out in its own unit instead."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(8.5, 1.2 + 0.32 * max(len(rows), 1)))
+    labels = [label if len(label) <= 80 else label[:79] + "…" for label, _ in rows]
+    height = 1.4 + 0.3 * max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(12, height))
+    fig.subplots_adjust(left=min(0.55, 0.06 + 0.0058 * max(map(len, labels), default=0)), right=0.97,
+                        top=1 - 0.45 / height, bottom=0.75 / height)
     for i, (_, p) in enumerate(rows):
         colour = OUTCOME_COLOURS[p.outcome]
         lo, hi = p.ci
@@ -407,14 +411,13 @@ def forest(rows: Sequence[tuple[str, stats.Paired]], path: Path, title: str = ""
         ax.text(0, 0, "no comparison judged yet", ha="center", va="center")
     ax.axvline(0, color="0.6", lw=0.8)
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([label if len(label) <= 70 else label[:69] + "…" for label, _ in rows], fontsize=7)
-    ax.invert_yaxis()
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_ylim(max(len(rows), 1) - 0.5, -0.5)  # the first row on top; text-only rows inside the frame
     ax.set_xlabel("d / mean(B), % (95% CI; grey ticks: the margin; lower is better for A)")
     for outcome, colour in OUTCOME_COLOURS.items():
         ax.plot([], [], "o", color=colour, label=outcome)
     ax.legend(fontsize=7, loc="best")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
