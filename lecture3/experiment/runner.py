@@ -266,8 +266,6 @@ def default_engine(jobs: int) -> str:
 
 def program_key(spec: RunSpec) -> str:
     """Runs with the same program key differ only in a population's member keys (seed, LR, ...)."""
-    import json
-
     from lecture3.population import MEMBER_KEYS
 
     canon = {"train.seed": 0, "data.seed": 0, "train.lr": 1e-3, "train.final_lr": 1e-4, "train.warmup_steps": 0,
