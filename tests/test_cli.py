@@ -192,3 +192,13 @@ def test_generate_prints_the_seed_it_drew_and_that_seed_repeats_the_sample(monke
     assert f"--seed {seed} repeats this sample" in err
     assert cli.main([*argv, "--seed", str(seed)]) == 0
     assert capsys.readouterr().out == out
+
+
+def test_the_tensorboard_the_readme_tells_users_to_run_is_an_extra():
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [r for r in extras["tb"] if r.startswith("tensorboard")]
+    assert '`pip install -e ".[tb]"` and `tensorboard --logdir DIR/tb`' in (root / "README.md").read_text()
