@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
+import tomllib
+import types
 import warnings
 from pathlib import Path
 
@@ -69,6 +76,56 @@ def test_notebook_is_text_with_the_lecture_first_and_the_measurements_last(name)
     closing = [c for c in nb.cells if c.cell_type == "markdown"][-1]
     assert closing.source.startswith("## What was measured")
     assert f'"{name}.png"' in first_code.source, "the figure is notebooks/figures/<notebook>.png"
+    assert "LECTURE3_UPDATE_FIGURES" in first_code.source, "the committed figure is rewritten only on request"
+    assert not re.search(r"\b\d+ s\b", closing.source), "a wall time is printed by the last cell, not quoted"
+
+
+# notebooks whose results a rerun can change (training runs, the records so far): their closing prose
+# quotes none of them (no decimals, no "~N"); the last cell prints them
+MEASURED = ("stability_in_five_minutes", "claims_dashboard")
+
+
+@pytest.mark.parametrize("name", MEASURED)
+def test_the_closing_prose_quotes_no_number_a_rerun_can_change(name):
+    closing = [c for c in _read(name).cells if c.cell_type == "markdown"][-1].source
+    assert not re.findall(r"\d+\.\d+|~\s*\d|\d+/\d+ runs", closing)
+
+
+def _figure_path(name: str, env: dict[str, str]) -> Path | None:
+    """FIGURE as the notebook's first code cell sets it under `env` (its QUICK / UPDATE / FIGURES lines)."""
+    first_code = next(c for c in _read(name).cells if c.cell_type == "code").source
+    lines = [x for x in first_code.splitlines() if re.match(r"(QUICK|UPDATE|FIGURES|FIGURE) = ", x)]
+    scope = {"os": types.SimpleNamespace(environ=env), "Path": Path, "tempfile": tempfile}
+    exec("\n".join(lines), scope)  # noqa: S102 - the notebook's own three lines
+    return scope["FIGURE"]
+
+
+@pytest.mark.parametrize("name", sorted(NOTEBOOKS))
+def test_full_settings_write_the_figure_to_a_scratch_folder_unless_asked(name):
+    scratch = _figure_path(name, {})
+    assert scratch is not None and scratch.parent == Path(tempfile.gettempdir()) / "lecture3-figures"
+    assert _figure_path(name, {"LECTURE3_UPDATE_FIGURES": "1"}) == Path("figures") / f"{name}.png"
+    assert _figure_path(name, {"LECTURE3_NOTEBOOK_QUICK": "1"}) is None  # quick mode writes nothing
+
+
+def test_the_notebooks_extra_installs_what_the_readme_runs_them_with():
+    """jupytext and nbconvert for the README's headless `jupytext --execute`, nbclient and ipykernel for the tests."""
+    extra = tomllib.loads((NOTEBOOKS_DIR.parent / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    names = {re.split(r"[<>=\[ ;]", r)[0] for r in extra["notebooks"]}
+    assert {"jupytext", "nbconvert", "nbclient", "ipykernel"} <= names
+    assert "jupytext --to ipynb --execute notebooks/<name>.py" in (NOTEBOOKS_DIR / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_readme_headless_command_runs_a_notebook(tmp_path):
+    """`jupytext --to ipynb --execute` (notebooks/README.md) on a copy, in quick mode: an .ipynb with outputs."""
+    shutil.copy(NOTEBOOKS_DIR / "architecture_explorer.py", tmp_path)
+    jupytext_cli = Path(sys.executable).parent / "jupytext"
+    proc = subprocess.run([str(jupytext_cli), "--to", "ipynb", "--execute", "architecture_explorer.py"], cwd=tmp_path,
+                          env=_kernel_env(tmp_path / "data"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nb = jupytext.read(tmp_path / "architecture_explorer.ipynb")
+    assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
 
 
 @pytest.mark.slow
