@@ -175,6 +175,9 @@ def _one(claim, args) -> int:
     spec = runner.find(claim, args.run, args.scale, args.quick, args.results_dir)
     pool = runner.pool_dir(args.quick, args.results_dir)
     existing = runner.pooled(pool, [spec]).get(spec.key)
+    if args.check or existing is None:
+        runner.become_worker()  # typed in a shell: run as the grid's pinned worker did
+        runner.pin_from_env()
     if args.check:
         _cache_on()
         result = runner.execute(claim, spec)

@@ -163,7 +163,14 @@ def test_the_population_engine_records_what_solo_runs_record(tmp_path):
 def test_a_worker_is_pinned_by_its_environment_before_jax_starts(monkeypatch):
     env = runner._worker_env(1)
     assert env[runner.PIN_ENV] == "1" and "--xla_cpu_multi_thread_eigen=false" in env["XLA_FLAGS"]
-    assert runner.PIN_ENV not in runner._worker_env(None)
+    assert runner.PIN_ENV not in runner._worker_env(None, {})
+    # a run typed in a shell becomes such a worker before jax starts (the record's command reruns it as it ran)
+    code = ("import os; from lecture3.experiment import runner; runner.become_worker(); runner.pin_from_env(); "
+            "print(sorted(os.sched_getaffinity(0)), os.environ['XLA_FLAGS'])")
+    env = {k: v for k, v in os.environ.items() if k not in (runner.WORKER_ENV, runner.PIN_ENV, "XLA_FLAGS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**env, "JAX_PLATFORMS": "cpu"})
+    assert out.stdout.split() == [f"[{min(os.sched_getaffinity(0))}]", runner.PINNED_XLA_FLAG], out.stderr
     code = ("import os, sys; os.environ['LECTURE3_PIN_CORE'] = '0'; from lecture3.experiment import runner; "
             "runner.pin_from_env(); print(sorted(os.sched_getaffinity(0)), 'jax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

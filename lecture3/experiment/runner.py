@@ -231,14 +231,28 @@ def pin_from_env() -> None:
         os.sched_setaffinity(0, {int(core)})
 
 
-def _worker_env(core: int | None) -> dict:
+PINNED_XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
+
+
+def _worker_env(core: int | None, environ=None) -> dict:
     """A pinned worker runs XLA's CPU kernels on its one core without Eigen's thread pool (a pool of
     threads sharing one core only switches between them)."""
-    env = {**os.environ, WORKER_ENV: "1"}
+    env = {**(os.environ if environ is None else environ), WORKER_ENV: "1"}
     if core is not None:
         env[PIN_ENV] = str(core)
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+        if PINNED_XLA_FLAG not in env.get("XLA_FLAGS", ""):
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + PINNED_XLA_FLAG).strip()
     return env
+
+
+def become_worker() -> None:
+    """`lecture3 experiment NAME --run KEY` typed in a shell runs as a grid's worker does, so the record's
+    command reruns it in the same numerical environment: pinned to the first core it may use, with the
+    worker's XLA flag. Only on a CPU host and before jax starts; a worker the runner started already is."""
+    if WORKER_ENV in os.environ or not hasattr(os, "sched_getaffinity") or not runtime.runs_on_cpu(os.environ) \
+            or runtime.backend_started():
+        return
+    os.environ.update(_worker_env(min(os.sched_getaffinity(0))))
 
 
 def default_jobs() -> int:
