@@ -53,7 +53,7 @@ def compile_once(n_layers: int, scan: bool) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--layers", default="4,32", help="comma list of depths (default 4,32)")
     p.add_argument("--repeats", type=int, default=1, help="compiles per (depth, scan); the median is shown")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the discarded first compile")

@@ -19,7 +19,7 @@ from lecture3.flags import add_dataclass_flags, dataclass_from_args
 
 def main(argv: list[str] | None = None) -> float:
     """Times the loader and prints its tokens/s and the ratio to the consumption rate; returns the ratio."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     add_dataclass_flags(parser, "data", DataConfig)
     parser.add_argument("--batch-size", type=int, default=16, help="global batch size (default: 16)")
     parser.add_argument("--batches", type=int, default=500, help="batches to time (default: 500)")

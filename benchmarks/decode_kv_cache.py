@@ -197,7 +197,7 @@ def print_vs_transformers(res: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, two contexts, few steps")
     parser.add_argument("--batch", type=int, default=None,
                         help="sequences decoded together (default 4, quick 2)")

@@ -130,7 +130,7 @@ def bench(cfg, batch: int, seq_len: int, n_steps: int, warmup: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=list(SIZES), default="350m", help="model preset (default 350m)")
     p.add_argument("--attention-impl", default="dense,cudnn",
                    help="comma list of ModelConfig.attention_impl values: dense, chunked, cudnn (default dense,cudnn)")

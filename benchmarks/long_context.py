@@ -96,7 +96,7 @@ def show(name: str, tokens: int, r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="tiny sizes: the code path only, no conclusion")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (after the compile)")

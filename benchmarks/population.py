@@ -160,7 +160,7 @@ def _reply(proc: subprocess.Popen) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     """Prints the table; returns {size: {mode: tokens/s}}."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="tiny size, 2 members, 4 steps, little XLA optimisation: a smoke run")
     parser.add_argument("--sizes", default=None, help=f"comma-separated, from {', '.join(SIZES)} (default: small,S)")

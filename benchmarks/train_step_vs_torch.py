@@ -633,7 +633,7 @@ def read_reply(proc: subprocess.Popen, name: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="2 rounds of 2 steps: a smoke run")
     p.add_argument("--rounds", type=int, default=None, help="rounds of interleaved timing (default 4)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round (default 3)")
