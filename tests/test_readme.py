@@ -170,5 +170,5 @@ def test_core_dependencies_are_what_the_package_imports():
     extras = project["optional-dependencies"]
     assert names(extras["hf"]) == {"transformers", "safetensors"}
     optional = set().union(*(names(extras[e]) for e in ("hf", "pandas", "plot", "notebooks")))
-    assert used - optional == names(project["dependencies"]) - {"jaxlib"}
+    assert used - optional == names(project["dependencies"])
     assert {"lecture3[hf,plot,pandas]"} <= set(extras["test"]) and "matplotlib" in names(extras["plot"])
