@@ -175,8 +175,9 @@ def _one(claim, args) -> int:
     spec = runner.find(claim, args.run, args.scale, args.quick, args.results_dir)
     pool = runner.pool_dir(args.quick, args.results_dir)
     existing = runner.pooled(pool, [spec]).get(spec.key)
-    if args.check or existing is None:
-        runner.become_worker()  # typed in a shell: run as the grid's pinned worker did
+    recorded_flags = (existing or {}).get("environment", {}).get("xla_flags", "")
+    if existing is None or (args.check and runner.PINNED_XLA_FLAG in recorded_flags):
+        runner.become_worker()  # typed in a shell: run as a grid's pinned worker (did)
         runner.pin_from_env()
     if args.check:
         _cache_on()
