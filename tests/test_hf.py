@@ -261,6 +261,20 @@ def test_sharded_checkpoint_and_overrides(tmp_path):
         hf.load_pretrained(tmp_path / "one", n_heads=2)
 
 
+def test_attention_impl_is_a_runtime_choice_on_save_and_load(tmp_path):
+    """How attention is computed does not change what a checkpoint computes: a chunked model saves, and a
+    checkpoint loads as chunked (or cudnn) with the same logits."""
+    cfg = OURS["llama"].replace(attention_impl="chunked", attention_chunk=4)
+    params = random_params(cfg)
+    assert hf.save_pretrained(cfg, params, tmp_path) == "llama"
+    back_cfg, back = hf.load_pretrained(tmp_path, scan_layers=True, attention_impl="chunked", attention_chunk=4)
+    assert (back_cfg.attention_impl, back_cfg.attention_chunk) == ("chunked", 4)
+    dense_cfg, dense = hf.load_pretrained(tmp_path, scan_layers=True)
+    assert dense_cfg.attention_impl == "dense"
+    np.testing.assert_allclose(our_logits(back_cfg, back, tokens()), our_logits(dense_cfg, dense, tokens()),
+                               atol=ATOL, rtol=0)
+
+
 def test_errors_are_lecture3_errors_and_keep_their_builtin_types(tmp_path):
     """The CLI prints lecture3's own errors as one line; callers catching ValueError / OSError still can."""
     from lecture3.errors import Lecture3Error

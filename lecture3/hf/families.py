@@ -26,7 +26,7 @@ GATED_TO_HF = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_pytorch_ta
 
 # Fields that are not part of the function a checkpoint computes: runtime, numerics and training choices.
 RUNTIME_FIELDS = ("init_std", "embed_dropout", "resid_dropout", "attn_dropout", "param_dtype", "dtype",
-                  "scan_layers", "remat", "document_mask")
+                  "scan_layers", "remat", "document_mask", "attention_impl", "attention_chunk")
 
 
 def unsupported(family: str, field: str, value: Any, why: str) -> HFError:
