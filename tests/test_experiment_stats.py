@@ -113,3 +113,16 @@ def test_verdict(outcomes, verdict):
 def test_a_verdict_refuses_an_outcome_it_does_not_know():
     with pytest.raises(ValueError, match="'passed' is invalid"):
         stats.verdict(["pass", "passed"])
+
+
+@pytest.mark.parametrize(("outs", "each", "some"), [
+    (("pass", "pass"), "pass", "pass"), (("pass", "fail"), "fail", "pass"), (("fail", "fail"), "fail", "fail"),
+    (("pass", "inconclusive"), "inconclusive", "pass"), (("fail", "inconclusive"), "fail", "inconclusive"),
+    (("inconclusive", "inconclusive"), "inconclusive", "inconclusive"), (("pass", None), None, None),
+])
+def test_each_of_and_some_of_combine_outcomes(outs, each, some):
+    from lecture3.experiment import judge
+
+    parts = [(o, f"part {i}", ()) for i, o in enumerate(outs)]
+    assert judge.all_of(parts)[0] == each and judge.any_of(parts)[0] == some
+    assert judge.all_of(parts)[1] == "part 0; part 1"

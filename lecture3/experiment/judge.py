@@ -78,26 +78,27 @@ def compare(results: Results, a: dict, b: dict, kind: str, *, key: str = "final_
     return out, prefix + detail, comps
 
 
-def all_of(parts: Sequence[Outcome]) -> Outcome:
-    """Several statements that must each pass: fail if any fails, pass if all pass, else inconclusive."""
+def _combined(parts: Sequence[Outcome], passes) -> Outcome:
+    """Several statements as one: `passes(outcomes)` says when it passes; it fails when every part fails
+    (any_of) or any part fails (all_of), and is inconclusive otherwise; missing while any part is."""
     outs = [p[0] for p in parts]
     detail = "; ".join(p[1] for p in parts)
     comps = tuple(c for p in parts for c in (p[2] if len(p) > 2 else ()))
     if any(o is None for o in outs):
         return None, detail, comps
-    result = "fail" if "fail" in outs else "pass" if all(o == "pass" for o in outs) else "inconclusive"
+    fails = "fail" in outs if passes is all else all(o == "fail" for o in outs)
+    result = "pass" if passes(o == "pass" for o in outs) else "fail" if fails else "inconclusive"
     return result, detail, comps
+
+
+def all_of(parts: Sequence[Outcome]) -> Outcome:
+    """Several statements that must each pass: fail if any fails, pass if all pass, else inconclusive."""
+    return _combined(parts, all)
 
 
 def any_of(parts: Sequence[Outcome]) -> Outcome:
     """Some of several statements passes: pass if any passes, fail if all fail, else inconclusive."""
-    outs = [p[0] for p in parts]
-    detail = "; ".join(p[1] for p in parts)
-    comps = tuple(c for p in parts for c in (p[2] if len(p) > 2 else ()))
-    if any(o is None for o in outs):
-        return None, detail, comps
-    result = "pass" if "pass" in outs else "fail" if all(o == "fail" for o in outs) else "inconclusive"
-    return result, detail, comps
+    return _combined(parts, any)
 
 
 def max_attn_logit(result: dict) -> float | None:
