@@ -60,20 +60,27 @@ def batch_splits(cfg: ModelConfig, train: TrainConfig, mesh: Mesh) -> int:
     return 2 if one_cpu and train.batch_size % 2 == 0 and not cfg.has_dropout else 1
 
 
-def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: losses.LossFn, rng=None, splits: int = 1):
+def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: losses.LossFn, rng=None, splits: int = 1,
+                    logit_max: bool | None = None):
     """Loss, its terms, and the stability signals: largest attention logit and mean |log Z|. The model
-    captures what the loss terms need (`losses.required`) plus each head's largest attention logit; the
-    terms see them, with the params, in `aux`. Returns (loss, (metrics, captured)).
+    captures what the loss terms need (`losses.required`) plus, with `logit_max`, each head's largest
+    attention logit (logged as `max_attn_logit`); the terms see them, with the params, in `aux`.
+    Returns (loss, (metrics, captured)).
+    `logit_max`: None (default) = unless attention_impl='cudnn': dense and chunked attention have it from
+    their softmax, the fused kernel never forms the logits (reading them rebuilds the T x S product).
     `splits`: the layers take the batch in that many independent parts (`Transformer`'s `splits`)."""
     deterministic = rng is None
-    names = tuple(dict.fromkeys(("attn_logit_max", *losses.required(loss_fn))))
+    if logit_max is None:
+        logit_max = model.cfg.attention_impl != "cudnn"
+    names = tuple(dict.fromkeys((*(("attn_logit_max",) if logit_max else ()), *losses.required(loss_fn))))
     out = model.apply(
         {"params": params}, batch["inputs"], **model_inputs(model.cfg, batch), deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng}, capture=names, splits=splits)
     loss, metrics = losses.call(loss_fn, out.logits, batch, {"params": params, **out.captured})
     mask = losses.loss_mask(batch)
     metrics["log_z_abs"] = losses.masked_mean(jnp.abs(losses.log_z(out.logits)), mask)
-    metrics["max_attn_logit"] = jnp.max(out.captured["attn_logit_max"])
+    if "attn_logit_max" in out.captured:
+        metrics["max_attn_logit"] = jnp.max(out.captured["attn_logit_max"])
     return loss, (metrics, out.captured)
 
 
@@ -102,7 +109,8 @@ def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: losses.LossFn
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(lambda p: forward_metrics(model, p, batch, loss_fn, rng, splits), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p: forward_metrics(model, p, batch, loss_fn, rng, splits,
+                                                               train.log_per_layer or None), has_aux=True)
         (loss, (metrics, captured)), grads = grad_fn(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=state.step)
         params = optax.apply_updates(state.params, updates)

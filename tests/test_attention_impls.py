@@ -7,6 +7,7 @@ tests/test_model.py::test_attention_impl_same_maths_different_program.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,10 +112,15 @@ def test_fused_equals_dense_and_zeroes_a_fully_masked_row():
     mask = ops.attention_mask(IDX, IDX, 7, SEG, SEG).at[0, 3].set(False)  # row 3 of batch 0 sees nothing
     bias = alibi(IDX, IDX)
     ref, _, ref_max = ops.attention_core(q, k, v, mask, bias, SCALE)
-    out, head_max = ops.fused_attention(q, k, v, mask, bias, SCALE)
+    out, head_max = ops.fused_attention(q, k, v, mask, bias, SCALE, with_max=True)
     np.testing.assert_allclose(out, ref, atol=2e-6)
     np.testing.assert_allclose(head_max, ref_max, atol=2e-6)
     assert np.all(np.asarray(out)[0, 3] == 0)
+    seg = SEG[:, :, None] == SEG[:, None, :]  # the documents only: causality and window are JAX's
+    out, head_max = ops.fused_attention(q, k, v, seg, bias, SCALE, causal=True, window=7, with_max=True)
+    ref, _, ref_max = ops.attention_core(q, k, v, ops.attention_mask(IDX, IDX, 7, SEG, SEG), bias, SCALE)
+    np.testing.assert_allclose(out, ref, atol=2e-6)
+    np.testing.assert_allclose(head_max, ref_max, atol=2e-6)
 
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf])
@@ -183,3 +189,87 @@ def test_accounting_charges_what_each_way_computes():
 def test_the_config_refuses_what_an_implementation_cannot_do(changes, words):
     with pytest.raises(ValueError, match=words):
         ModelConfig(**changes)
+
+
+# ------------------------------------------------------------------------------- the cudnn path in the model
+SMALL = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32,
+                    init_std=0.25, layer_pattern=("local", "global"), sliding_window=3)
+TOKENS = jax.random.randint(jax.random.key(1), (2, 12), 0, 50)
+SEGMENTS = jnp.array([[0] * 5 + [1] * 7, [0] * 7 + [1] * 5])
+
+
+def _init(cfg):
+    from lecture3 import Transformer
+    return nn.unbox(Transformer(cfg).init(jax.random.key(0), TOKENS)["params"])
+
+
+@pytest.mark.parametrize("document_mask, position", [(False, "rope"), (True, "alibi")])
+def test_cudnn_path_hands_jax_is_causal_and_the_window(monkeypatch, document_mask, position):
+    """In training the fused call gets `is_causal` and `local_window_size` (what cuDNN computes without a
+    T x S mask), a mask only for the documents, and still gives the dense logits."""
+    from lecture3 import Transformer
+    calls, real = [], jax.nn.dot_product_attention
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return real(*args, **kw)
+
+    dense = SMALL.replace(document_mask=document_mask, position=position)
+    cfg = dense.replace(attention_impl="cudnn")
+    params = _init(dense)
+    kw = {"segment_ids": SEGMENTS} if document_mask else {}
+    ref = Transformer(dense).apply({"params": params}, TOKENS, **kw)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    out = Transformer(cfg).apply({"params": params}, TOKENS, **kw)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert [c.get("is_causal") for c in calls] == [True, True]
+    assert [c.get("local_window_size") for c in calls] == [(2, 0), None]  # local layer: q - k < 3
+    assert all((c.get("mask") is not None) == document_mask for c in calls)
+
+
+def test_train_step_reads_the_max_logit_from_cudnn_only_when_asked():
+    """The fused kernel never forms the logits: the step's forward leaves the max logit out (rebuilding the
+    T x S product is what the kernel avoids) unless a loss term or the per-layer log asks for it; the other
+    ways get it free from their softmax and log it."""
+    from lecture3 import Transformer, losses, steps
+    batch = {"inputs": TOKENS, "targets": TOKENS}
+    params = _init(SMALL)
+    for impl, logged in (("dense", True), ("chunked", True), ("cudnn", False)):
+        cfg = SMALL.replace(attention_impl=impl, attention_chunk=4)
+        _, (metrics, captured) = steps.forward_metrics(Transformer(cfg), params, batch, losses.cross_entropy())
+        assert ("max_attn_logit" in metrics) == logged == ("attn_logit_max" in captured), impl
+    cudnn = Transformer(SMALL.replace(attention_impl="cudnn"))
+    _, (metrics, _) = steps.forward_metrics(cudnn, params, batch, losses.parse("cross_entropy+max_attn_logit"))
+    assert "max_attn_logit" in metrics  # a term that needs it asks for it
+    _, (metrics, _) = steps.forward_metrics(cudnn, params, batch, losses.cross_entropy(), logit_max=True)
+    assert "max_attn_logit" in metrics
+    from lecture3.config import TrainConfig
+    from lecture3.optim import make_optimizer
+    tc = TrainConfig(batch_size=2, log_per_layer=True)  # the per-layer log asks for it too
+    state = steps.TrainState(jnp.int32(0), params, make_optimizer(tc).init(params), jax.random.key_data(
+        jax.random.key(0)))
+    shapes = jax.eval_shape(steps.make_train_step(cudnn.cfg, tc), state, batch)[1]
+    assert {"max_attn_logit", "max_attn_logit_layer"} <= set(shapes)
+
+
+def test_cudnn_forward_without_capture_computes_no_max_logit():
+    """Without the capture the fused path has the kernel's two products only, not a third q.k for the max."""
+    q, k, v = qkv()
+    mask = ops.attention_mask(IDX, IDX)
+    count = lambda fn: sum(e.primitive.name == "dot_general" for e in jax.make_jaxpr(fn)(q, k, v).jaxpr.eqns)  # noqa: E731
+    with_max = count(lambda q, k, v: ops.fused_attention(q, k, v, mask, scale=SCALE, with_max=True))
+    without = count(lambda q, k, v: ops.fused_attention(q, k, v, mask, scale=SCALE, with_max=False))
+    assert without < with_max
+
+
+def test_cudnn_with_float32_compute_is_refused_before_jit_on_a_gpu(monkeypatch):
+    """cuDNN's fused attention takes float16 / bfloat16 only: on a GPU a float32 model says so as a
+    ConfigError before anything is compiled; elsewhere the XLA path computes float32."""
+    from lecture3 import Transformer
+    from lecture3.config import ConfigError
+    cfg = SMALL.replace(attention_impl="cudnn")
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ConfigError, match="attention_impl='cudnn'.*dtype='float32'.*dtype='bfloat16'"):
+        Transformer(cfg).init(jax.random.key(0), TOKENS)
+    assert ops.fused_implementation("bfloat16", "gpu") == "cudnn"
+    assert ops.fused_implementation("float32", "cpu") == "xla"

@@ -91,13 +91,13 @@ class Attention(nn.Module):
         elif impl == "chunked":
             out, head_max = ops.chunked_attention(q, k, v, q_idx, k_idx, self.window, q_seg, k_seg, positions,
                                                   k_pos, bias_fn, scale, cap, cfg.attention_chunk)
+        elif impl == "cudnn":
+            out, head_max = self.fused(q, k, v, q_idx, k_idx, q_seg, k_seg, bias_fn, positions, k_pos, scale,
+                                       in_order=cache is None)
         else:
             mask = attention_mask(q_idx, k_idx, self.window, q_seg, k_seg)
             bias = None if bias_fn is None else bias_fn(positions, k_pos)
-            if impl == "cudnn":
-                out, head_max = ops.fused_attention(q, k, v, mask, bias, scale)
-            else:
-                out, probs, head_max = attention_core(q, k, v, mask, bias, scale, cap, drop)
+            out, probs, head_max = attention_core(q, k, v, mask, bias, scale, cap, drop)
         if "attn_logit_max" in self.capture:
             captured["attn_logit_max"] = head_max
         if "attn_probs" in self.capture:
@@ -110,6 +110,19 @@ class Attention(nn.Module):
         if cfg.attn_out_bias:
             y = y + param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros, cfg.param_dtype).astype(dt)
         return constrain(y, ("batch", "length", "embed")), cache, captured
+
+    def fused(self, q, k, v, q_idx, k_idx, q_seg, k_seg, bias_fn, q_pos, k_pos, scale, in_order: bool):
+        """attention_impl='cudnn'. `in_order` (no cache: q_idx = k_idx counting up by one) hands causality and
+        the window to JAX, leaving a mask only for documents; the max logit is computed only when captured."""
+        implementation = ops.fused_implementation(self.cfg.dtype)
+        if in_order:
+            mask = None if q_seg is None else q_seg[:, :, None] == k_seg[:, None, :]
+        else:
+            mask = attention_mask(q_idx, k_idx, self.window, q_seg, k_seg)
+        bias = None if bias_fn is None else bias_fn(q_pos, k_pos)
+        return ops.fused_attention(q, k, v, mask, bias, scale, causal=in_order,
+                                   window=self.window if in_order else None, implementation=implementation,
+                                   with_max="attn_logit_max" in self.capture)
 
     def qk_norm(self, x: jax.Array, name: str) -> jax.Array:
         """Norm q or k per head ([H] gain) or over the whole projection ([N*H] gain, OLMo 2)."""

@@ -7,8 +7,10 @@ softmax attention, chosen by `ModelConfig.attention_impl`:
   chunked   `chunked_attention`: query chunks x key chunks with an online softmax (FlashAttention's
             recurrence in pure JAX, differentiable); memory O(T x chunk) in the forward and the backward
             (each query chunk is recomputed), chunks that the mask hides entirely are skipped
-  cudnn     `fused_attention`: `jax.nn.dot_product_attention`, cuDNN's fused kernel on a GPU and its XLA
-            path elsewhere; it cannot express a soft-cap, dropout or a learned bias (the config says so)
+  cudnn     `fused_attention`: `jax.nn.dot_product_attention`, cuDNN's fused kernel on a GPU (float16 /
+            bfloat16 only: `fused_implementation`) and its XLA path elsewhere, causal and windowed by JAX's
+            own arguments in training; it cannot express a soft-cap, dropout or a learned bias (the config
+            says so), and it reads the max logit only when a capture asks for it
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from lecture3.config import ConfigError
 from lecture3.layers.common import softcap
 
 NEG_INF = -1e30  # large but finite: no NaN from a fully masked row (its probabilities are then zeroed)
@@ -225,19 +228,55 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_idx: jax.Array
     return out, jnp.max(head_max, axis=0).reshape(n)
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, bias: jax.Array | None = None,
-                    scale: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """`jax.nn.dot_product_attention` (cuDNN on a GPU, XLA elsewhere) with `attention_core`'s mask and
-    bias. The per-head max logit, which the fused kernel does not return, is one more q.k product
-    outside the gradient. A fully masked row outputs zeros, as in `attention_core`; unlike it, a NaN in a
-    masked value slot is not kept from the rows that do not see it (the kernel multiplies it by 0)."""
+FUSED_DTYPES = ("bfloat16", "float16")  # what cuDNN's fused attention takes (jax's cudnn check_layout)
+
+
+def fused_implementation(dtype: str, backend: str | None = None) -> str:
+    """`jax.nn.dot_product_attention`'s `implementation=` for attention_impl='cudnn': "cudnn" (the fused
+    kernel) on a GPU, "xla" elsewhere, which computes any dtype. The kernel takes float16 / bfloat16 only
+    (jax raises inside `jit` otherwise), so a model computing `dtype` on a GPU that cannot is a ConfigError.
+    `backend`: default `jax.default_backend()`."""
+    if (jax.default_backend() if backend is None else backend) != "gpu":
+        return "xla"
+    if dtype not in FUSED_DTYPES:
+        raise ConfigError(f"ModelConfig.attention_impl='cudnn' is invalid with dtype={dtype!r} on a GPU: "
+                          "cuDNN's fused attention computes float16 / bfloat16 only; set dtype='bfloat16', "
+                          "or attention_impl='dense' or 'chunked' for float32")
+    return "cudnn"
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                    bias: jax.Array | None = None, scale: float = 1.0, causal: bool = False,
+                    window: int | None = None, implementation: str = "xla",
+                    with_max: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """`jax.nn.dot_product_attention` (`implementation`: `fused_implementation`'s) with `attention_core`'s
+    maths. The keys a query sees: `mask` (bool[B, T, S], or None for all) and, with `causal`, none after
+    it and (with `window`) only the last `window`, by place in the arrays (training: q_idx = k_idx counting
+    up by one); these two reach JAX as `is_causal` / `local_window_size`, which cuDNN computes without a
+    T x S mask. The bias reaches cuDNN in q's dtype (the kernel's), XLA's float32 logits as it is.
+    A fully masked row of `mask` (without `causal`) outputs zeros, as in `attention_core`; unlike it, a NaN
+    in a masked value slot is not kept from the rows that do not see it (the kernel multiplies it by 0).
+    Returns (out [B, T, N, H], the per-head max logit [N] with `with_max`, else None): the fused kernel
+    never forms the logits, so the max is one more q.k product outside the gradient, paid only when asked.
+    """
+    if window is not None and not causal:
+        raise ValueError("fused_attention: window needs causal=True (JAX's local window is around the diagonal)")
     b, t, n, h = q.shape
-    kv = k.shape[2]
-    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    bias = None if bias is None else bias.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask[:, None], scale=scale, implementation=impl)
-    out = jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0)
+    s, kv = k.shape[1], k.shape[2]
+    if implementation == "cudnn" and bias is not None:
+        bias = bias.astype(q.dtype)
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=None if mask is None else mask[:, None], scale=scale, is_causal=causal,
+        local_window_size=None if window is None else (window - 1, 0), implementation=implementation)
+    if mask is not None and not causal:
+        out = jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0)
+    if not with_max:
+        return out, None
+    allowed = jnp.ones((b, t, s), bool) if mask is None else mask
+    if causal:
+        qi, ki = jnp.arange(t)[:, None], jnp.arange(s)[None]
+        allowed = allowed & (ki <= qi) & (True if window is None else qi - ki < window)
     qg = jax.lax.stop_gradient(q).reshape(b, t, kv, n // kv, h)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, jax.lax.stop_gradient(k), preferred_element_type=jnp.float32)
-    head_max = jnp.max(jnp.where(mask[:, None, None], logits * scale, -jnp.inf), axis=(0, 3, 4)).reshape(n)
+    head_max = jnp.max(jnp.where(allowed[:, None, None], logits * scale, -jnp.inf), axis=(0, 3, 4)).reshape(n)
     return out, head_max
