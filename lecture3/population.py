@@ -17,9 +17,10 @@ Every leaf of the state has a leading member axis M; the step is `jax.vmap` of t
 Anything else (an architecture field, the batch, the steps, the schedule's kind) changes the program: such
 configs are separate runs (or separate populations), and asking for it here is a `PopulationError`.
 
-A member whose loss or gradient is non-finite is marked `diverged_at` that step; with the default
-`train.on_nonfinite="stop"` (where its solo run would stop with a TrainingError) its state is frozen there
-and its later metrics are NaN, while the others go on. With "skip" it skips that step, as its solo run would.
+With the default `train.on_nonfinite="stop"` (where its solo run would stop with a TrainingError), a member
+whose loss or gradient is non-finite is marked `diverged_at` that step, its state is frozen there and its
+later metrics are NaN, while the others go on. With "skip" it skips that step and goes on, as its solo run
+would: it is not marked (its records say `finite=0` for that step).
 
 On several devices the member axis is sharded over a 1-D mesh ("member") of gcd(P, devices) devices; each
 member's params are whole on its device (no fsdp/tensor axes inside a population).
@@ -189,7 +190,7 @@ def z_loss(weight: jax.Array) -> losses.LossFn:
 class PopulationState:
     members: steps.TrainState  # every leaf [M, ...]; opt_state.hyperparams holds each member's numbers
     z_loss: jax.Array  # float32[M]: each member's z-loss weight (0: off)
-    diverged_at: jax.Array  # int32[M]: the step (1-based, as logged) of the first non-finite loss; -1: none
+    diverged_at: jax.Array  # int32[M]: the step (1-based, as logged) of the first non-finite loss ("stop"); -1: none
 
 
 def member_arrays(configs: Sequence[Config]) -> dict:
@@ -245,9 +246,9 @@ def make_population_step(cfg: Config, any_z_loss: bool):
         finite = metrics["finite"] > 0
         lr_at = schedule(tcfg.schedule, state.opt_state.hyperparams)
         metrics["lr"] = jnp.where(finite, lr_at(state.step), 0.0)  # the member's own schedule
-        before = diverged_at >= 0
-        diverged_at = jnp.where(before | finite, diverged_at, state.step + 1)
         if freeze:  # a diverged member stays where it was; its metrics after that step are NaN
+            before = diverged_at >= 0
+            diverged_at = jnp.where(before | finite, diverged_at, state.step + 1)
             stop = before | ~finite
             new = jax.tree.map(lambda a, b: jnp.where(stop, b, a), new, state)
             metrics = {k: jnp.where(before, jnp.full_like(v, 0.0 if k in ("finite", "lr") else jnp.nan), v)
@@ -286,7 +287,7 @@ class MemberRun(loop.Run):
     divergence. Its `state.opt_state` is `optax.inject_hyperparams`' state around the solo optimizer's state."""
 
     overrides: dict = dataclasses.field(default_factory=dict)
-    diverged_at: int | None = None  # the step (1-based, as logged) whose loss was first non-finite
+    diverged_at: int | None = None  # the step (1-based, as logged) whose loss was first non-finite ("stop" only)
 
     @property
     def val_loss(self) -> float | None:

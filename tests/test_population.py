@@ -120,6 +120,23 @@ def test_a_diverging_member_is_frozen_and_the_others_go_on(base, solo):
     assert int(bad.state.step) == bad.diverged_at - 1
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("little_xla_optimisation")
+def test_a_member_that_skips_a_non_finite_step_goes_on_as_its_solo_run(base):
+    """With on_nonfinite="skip" a solo run skips the bad step and goes on (no divergence, no stop): so does
+    the member, which is not counted as diverged (the experiment harness would drop its params)."""
+    skip = base.replace(**{"train.on_nonfinite": "skip"})
+    bad = {"train.seed": 5, "train.lr": 1e30, "train.final_lr": 1.0}
+    alone = lecture3.train(skip.replace(**bad), echo=lambda *a: None)
+    (member,) = population.train(skip, [bad])
+    assert alone.stopped is None and member.stopped is None
+    assert member.diverged_at is None
+    assert any(r["finite"] == 0.0 for r in alone.history)  # it did skip
+    for key in ("step", "finite", "lr"):
+        assert [r[key] for r in member.history] == pytest.approx([r[key] for r in alone.history], rel=1e-6), key
+    assert int(member.state.step) == int(alone.state.step) == 20
+
+
 def test_members_may_not_change_the_program(base):
     with pytest.raises(population.PopulationError, match=r"'model.d_model', an architecture field"):
         population.member_configs(base, [{"train.seed": 0}, {"model.d_model": 64}])
