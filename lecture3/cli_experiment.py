@@ -1,4 +1,5 @@
-"""`lecture3 experiment`: run a claim of the lecture (or all of them) resumably and write its report.
+"""`lecture3 experiment`: run a claim of the lecture (or all of them, or one of your own) resumably and
+write its report.
 
     lecture3 experiment --list                 every claim: runs done / total, verdict
     lecture3 experiment c01                    run what is missing of claim 1, then its report
@@ -6,6 +7,9 @@
     lecture3 experiment c04 --quick            the code path in seconds (a smoke run, never a verdict)
     lecture3 experiment c04 --run KEY --check  rerun one recorded run and compare with its record
     lecture3 experiment --summary              experiments/results/summary.png: every comparison with its CI
+    lecture3 experiment new tied --claims .    ./tied.py: a claim of your own from the commented template
+    lecture3 experiment tied --claims .        run it (records and report in ./results/)
+    lecture3 experiment --csv [NAME]           every run record (of a claim) as CSV, one row per run
 
 An entry point may set process state (the library does not): this one turns on jax's persistent
 compilation cache under the data cache folder, through the environment so the worker processes share it,
@@ -27,8 +31,17 @@ OTHER_ENVIRONMENT_MAX_LR = 3e-3  # above it runs are chaotic: they reproduce onl
 
 def add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", nargs="?", default=None,
-                        help="a claim (c01, 1, or c01_pre_vs_post_norm) or 'all'")
+                        help="a claim (c01, 1, or c01_pre_vs_post_norm; a claim of your own by its name or its "
+                        "file's path) or 'all'; or 'new' followed by the name of a claim to write")
+    parser.add_argument("new_name", nargs="?", default=None, metavar="NAME",
+                        help="with 'new': the claim file to write, DIR/NAME.py (DIR from --claims, else .)")
+    parser.add_argument("--claims", type=Path, default=None, metavar="DIR",
+                        help="a folder of claims of your own, searched before the lecture's; their records and "
+                        "reports go to DIR/results/ unless --results says")
     parser.add_argument("--list", action="store_true", help="list the claims with runs done / total and verdict")
+    parser.add_argument("--csv", action="store_true",
+                        help="print every run record of the results folder (or of the claim NAME) as CSV, one row "
+                        "per run (lecture3.experiment.runs_frame; needs pandas)")
     parser.add_argument("--markdown", action="store_true",
                         help="with --list: the README's table (claim, verdict, key comparison, runs, report, "
                         "v1 verdict)")
@@ -39,7 +52,7 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-runs", action="store_true", help="list the runs of the claim with their keys")
     parser.add_argument("--quick", action="store_true",
                         help="each arm once at two seeds, tiny and for 3 steps: the code path in seconds, no "
-                        "verdict (written under experiments/results-quick/)")
+                        "verdict (written under experiments/results-quick/, or DIR/results-quick/)")
     parser.add_argument("--scale", choices=("cpu", "gpu"), default="cpu",
                         help="cpu: the protocol as written; gpu: the same grids ~10x the model size")
     parser.add_argument("--jobs", type=int, default=None,
@@ -53,10 +66,12 @@ def add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", metavar="KEY", default=None, help="one run of the grid, by its record key")
     parser.add_argument("--check", action="store_true",
                         help="with --run: rerun without writing and compare with the recorded result")
-    parser.add_argument("--results-dir", type=Path, default=None,
-                        help="where reports go, with the records in its runs/ (default experiments/results/)")
+    parser.add_argument("--results", "--results-dir", dest="results_dir", type=Path, default=None, metavar="ROOT",
+                        help="where reports go, with the records in its runs/ (default: experiments/results/ for the "
+                        "lecture's claims in a checkout, DIR/results/ for those of --claims DIR, else ./results/)")
     parser.add_argument("--allow-dirty", action="store_true",
-                        help="record although lecture3/ or experiments/ has uncommitted code (the record says so)")
+                        help="record although lecture3/, experiments/ or the claim's folder has uncommitted code "
+                        "(the record says so)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the records, run nothing")
 
 
@@ -93,22 +108,32 @@ def run_experiment(args: argparse.Namespace) -> int:
         raise runner.ExperimentError(f"--jobs {args.jobs} is invalid: expected 1 or more")
     if args.check and args.run is None:
         raise runner.ExperimentError("--check needs --run KEY (the run to check)")
+    if args.claims is not None and not args.claims.is_dir() and not (args.name == "new" and not args.claims.exists()):
+        raise runner.ExperimentError(f"--claims {args.claims} is not a folder: pass the folder of your claim files")
+    if args.name == "new":
+        return _new(args)
+    if args.new_name is not None:
+        raise runner.ExperimentError(f"one claim at a time: {args.name} {args.new_name} (to write a claim: "
+                                     f"lecture3 experiment new {args.new_name})")
+    if args.results_dir is not None and args.results_dir.exists() and not args.results_dir.is_dir():
+        raise runner.ExperimentError(f"--results {args.results_dir} is a file: pass a folder")
     if args.update_readme:
         return _update_readme(args)
     if args.summary:
         return _summary(args)
     if args.list:
         return _list(args)
+    if args.csv:
+        return _csv(args)
     if args.name is None:
-        raise runner.ExperimentError("name a claim (c01 ... c15) or 'all', or pass --list")
-    if args.results_dir is not None and args.results_dir.exists() and not args.results_dir.is_dir():
-        raise runner.ExperimentError(f"--results-dir {args.results_dir} is a file: pass a folder")
-    names = all_names() if args.name == "all" else [args.name]
+        raise runner.ExperimentError("name a claim (c01 ... c15, or one of your own with --claims DIR) or 'all', "
+                                     "or pass --list")
+    names = all_names(args.claims) if args.name == "all" else [args.name]
     if args.run is not None:
         if len(names) != 1:
             raise runner.ExperimentError("--run KEY needs one claim, not 'all'")
-        return _one(runner.load(names[0]), args)
-    claims = [runner.load(n) for n in names]
+        return _one(runner.load(names[0], args.claims), args)
+    claims = [runner.load(n, args.claims) for n in names]
     if not (args.list_runs or args.report_only):
         _cache_on()
     for claim in claims:
@@ -128,12 +153,45 @@ def run_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def all_names() -> list[str]:
-    """Every claim, those holding the baseline's LR grid first (the others run at its best LR)."""
+def _new(args) -> int:
     from lecture3.experiment import runner
 
-    names = [p.stem for p in runner.claim_files()]
-    return sorted(names, key=lambda n: n.split("_", 1)[0] not in runner.BASELINE_CLAIMS)
+    if args.new_name is None:
+        raise runner.ExperimentError("name the claim to write: lecture3 experiment new NAME [--claims DIR]")
+    folder = args.claims or Path(".")
+    path = runner.new(args.new_name, folder)
+    flags = f" --claims {_shell(folder)}"
+    print(f"wrote {path}: a claim of your own, runnable as it is (tied vs untied embeddings on a tiny model).\n"
+          f"  lecture3 experiment {args.new_name}{flags} --quick   # the code path in seconds, no verdict\n"
+          f"  lecture3 experiment {args.new_name}{flags}           # the grid, then {folder / 'results'}/"
+          f"{args.new_name}/report.md")
+    return 0
+
+
+def _shell(path: Path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
+
+
+def claim_paths(folder: Path | None = None) -> list[Path]:
+    """The claim files `--claims DIR` names (else the lecture's); none is an error that says how to add one."""
+    from lecture3.experiment import runner
+
+    files = runner.claim_files(folder)
+    if not files:
+        raise runner.ExperimentError(f"no claim files in {folder} (a .py file with a CLAIM = Claim(...) line): "
+                                     f"`lecture3 experiment new NAME --claims {folder}` writes one")
+    return files
+
+
+def all_names(folder: Path | None = None) -> list[str]:
+    """Every claim of `folder` (default: the lecture's), those holding the baseline's LR grid first (the
+    others run at its best LR)."""
+    from lecture3.experiment import runner
+
+    names = [str(p) for p in claim_paths(folder)] if folder is not None else [p.stem for p in runner.claim_files()]
+    return sorted(names, key=lambda n: Path(n).stem.split("_", 1)[0] not in runner.BASELINE_CLAIMS)
 
 
 def _tol(x: float) -> str:
@@ -173,7 +231,7 @@ def _one(claim, args) -> int:
     from lecture3.experiment import records, runner
 
     spec = runner.find(claim, args.run, args.scale, args.quick, args.results_dir)
-    pool = runner.pool_dir(args.quick, args.results_dir)
+    pool = runner.claim_pool(claim, args.quick, args.results_dir)
     existing = runner.pooled(pool, [spec]).get(spec.key)
     recorded_flags = (existing or {}).get("environment", {}).get("xla_flags", "")
     if existing is None or (args.check and runner.PINNED_XLA_FLAG in recorded_flags):
@@ -193,9 +251,9 @@ def _one(claim, args) -> int:
     if existing is not None:
         print(f"{spec.key} is already recorded in {pool} (pass --check to rerun and compare)")
         return 0
-    dirty = runner._check_clean(args.quick, args.results_dir, args.allow_dirty)
+    prov = runner.provenance(claim, args.quick, args.results_dir, args.allow_dirty)
     _cache_on()
-    rec = runner.run_one(claim, spec, args.scale, args.quick, args.results_dir, dirty)
+    rec = runner.run_one(claim, spec, args.scale, args.quick, args.results_dir, prov)
     val = rec["result"].get("final_val_loss")
     print(f"{spec.key} {spec.label}: final_val_loss {val if val is None else f'{val:.6f}'} "
           f"({rec['wall_s']:.0f} s)")
@@ -217,21 +275,40 @@ def _list(args) -> int:
         return 0
     from lecture3.experiment import runner
 
-    for path in runner.claim_files():
-        claim = runner.load(path.stem)
+    for path in claim_paths(args.claims):
+        claim = runner.load_file(path)
         results, _, verdict = _judged(claim, args.scale, args.quick, args.results_dir)
-        print(f"{claim.short}  {claim.name:<34} {len(results.rows):>4}/{len(results.specs):<4} {verdict}")
+        print(f"{claim.short:<5} {claim.name:<34} {len(results.rows):>4}/{len(results.specs):<4} {verdict}")
     return 0
 
 
 def _summary(args) -> int:
     from lecture3.experiment import report, runner
 
-    entries = [(claim, runner.claim_results(claim, args.scale, args.quick, args.results_dir))
-               for claim in (runner.load(p.stem) for p in runner.claim_files())]
-    base = args.results_dir or (runner.QUICK_RESULTS if args.quick else runner.RESULTS)
-    path = report.summary(entries, Path(base) / "summary.png")
+    claims = [runner.load_file(p) for p in claim_paths(args.claims)]
+    entries = [(claim, runner.claim_results(claim, args.scale, args.quick, args.results_dir)) for claim in claims]
+    path = report.summary(entries, runner.base(claims[0], args.quick, args.results_dir) / "summary.png")
     print(f"wrote {path}")
+    return 0
+
+
+def _csv(args) -> int:
+    """Every run record under the results root (or those of the claim NAME's grid) as CSV on stdout."""
+    import sys
+
+    from lecture3.experiment import catalogue, runner
+
+    if args.name is None:  # the results root of the claims listed (the lecture's, or those of --claims DIR)
+        root = runner.base(runner.load_file(claim_paths(args.claims)[0]), args.quick, args.results_dir)
+        frame = catalogue.runs_frame(root) if root.is_dir() else None
+        where = root
+    else:
+        claim = runner.load(args.name, args.claims)
+        frame = catalogue.claim_frame(claim, args.scale, args.quick, args.results_dir)
+        where = f"{runner.claim_pool(claim, args.quick, args.results_dir)} for {claim.name}'s grid"
+    if frame is None or frame.empty:
+        raise runner.ExperimentError(f"no run records in {where}: run a claim first")
+    catalogue.to_csv(frame, sys.stdout)
     return 0
 
 
@@ -242,7 +319,7 @@ def markdown_table(scale: str = "cpu", root: Path | None = None) -> str:
     rows = ["| # | claim | verdict | key comparison (95% CI) | runs | report | v1 verdict (withdrawn) |",
             "|---|---|---|---|---|---|---|"]
     for path in runner.claim_files():
-        claim = runner.load(path.stem)
+        claim = runner.load_file(path)
         results, _, verdict = _judged(claim, scale, False, root)
         rows.append(_markdown_row(claim, results, verdict, runner.results_dir(claim, scale, False, root)))
     return "\n".join(rows)
@@ -286,7 +363,8 @@ def _markdown_row(claim, results, verdict, folder) -> str:
     except ValueError:
         rel = folder / "report.md"
     link = f"[report]({rel})" if (folder / "report.md").exists() else "–"
-    return (f"| {claim.number} | {_cell(claim.title)} | {verdict} | {_cell(key) or '–'} "
+    number = claim.name if claim.number is None else claim.number
+    return (f"| {number} | {_cell(claim.title)} | {verdict} | {_cell(key) or '–'} "
             f"| {len(results.rows)}/{len(results.specs)} | {link} | {_cell(v1_verdict(claim))} |")
 
 

@@ -3,12 +3,17 @@
 A record holds the full config, the commit and whether the tree was clean, the machine (CPU model,
 device kind, jax version), the command that reproduces that single run, the wall time and the result
 (see `lecture3.experiment.runs`). A run killed half-way leaves no record and is simply redone.
+
+What produced it, wherever it ran (`lecture3_source`, `claim_source`): lecture3's version and commit (of
+the checkout it runs from, or stamped into the package when it was built), the claim file's sha256 and,
+when the claim's folder is a git work tree, its commit and the files not committed there.
 """
 
 from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import json
 import math
 import os
@@ -31,11 +36,71 @@ def _git(*args: str) -> str | None:
         out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    return out.stdout.rstrip() if out.returncode == 0 else None
 
 
 def commit() -> str | None:
     return _git("rev-parse", "HEAD")
+
+
+BUILD_STAMP = Path(__file__).resolve().parents[1] / "_build.json"  # written into a wheel by setup.py
+
+
+def git(folder: Path, *args: str) -> str | None:
+    """`git ARGS` run in `folder`: its output, or None when git fails or is missing."""
+    try:
+        out = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.rstrip() if out.returncode == 0 else None
+
+
+@functools.cache
+def is_checkout() -> bool:
+    """lecture3 runs from its own git checkout (an editable install or the source tree), not from a
+    package installed into site-packages (which may sit inside some other repository)."""
+    top = git(REPO, "rev-parse", "--show-toplevel")
+    return top is not None and Path(top).resolve() == REPO.resolve()
+
+
+def _version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("lecture3")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def lecture3_source() -> dict:
+    """lecture3's version and commit: the checkout's HEAD and whether its code is committed, or, for an
+    installed package, the commit it was built from (stamped by setup.py; None for a build without git)."""
+    if is_checkout():
+        return {"version": _version(), "commit": commit(), "clean": not uncommitted(), "installed": "checkout"}
+    stamp = json.loads(BUILD_STAMP.read_text()) if BUILD_STAMP.is_file() else {}
+    return {"version": _version(), "commit": stamp.get("commit"), "clean": stamp.get("clean"),
+            "installed": "package"}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def git_state(folder: Path) -> dict | None:
+    """The git work tree holding `folder`: its commit and the code files (.py) under `folder` that are
+    changed or untracked; None when `folder` is in no work tree."""
+    if git(folder, "rev-parse", "--is-inside-work-tree") != "true":
+        return None
+    out = git(folder, "status", "--porcelain", "--untracked-files=all", "--", ".") or ""
+    files = [line[3:] for line in out.splitlines() if line.strip() and line.endswith(".py")]
+    return {"commit": git(folder, "rev-parse", "HEAD"), "clean": not files, "uncommitted": files}
+
+
+def claim_source(path: Path, in_package: bool = False) -> dict:
+    """The claim file: its path, sha256 and the git state of its folder (none for the copy of the lecture's
+    claims inside an installed package: lecture3's own version and commit say where that came from)."""
+    path = Path(path).resolve()
+    return {"path": str(path), "sha256": sha256(path), "git": None if in_package else git_state(path.parent)}
 
 
 def uncommitted(paths=("lecture3", "experiments")) -> list[str]:

@@ -1,9 +1,11 @@
 """What a claim declares: its runs (configs x LRs x seeds), what each run measures, and its criteria.
 
-A claim module in `experiments/` defines
+A claim module (the lecture's in `experiments/`, yours in any folder: `lecture3 experiment new NAME`) defines
 
     CLAIM = Claim(number=1, name="c01_pre_vs_post_norm", title=..., lecture=..., references=...,
                   runs=runs, criteria=criteria, plots=plots)
+
+with `name` its file's name (without .py); `number` is the lecture's (1 ... 15), left out by a claim of your own.
 
 `runs(scale)` returns the `RunSpec`s of the grid, `criteria(results)` the `Criterion`s judged on the
 finished records, `plots(results, folder)` the figures of the report. A run is keyed by a hash of
@@ -83,8 +85,7 @@ class Criterion:
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    number: int
-    name: str  # module name, e.g. c01_pre_vs_post_norm
+    name: str  # the claim file's name without .py, e.g. c01_pre_vs_post_norm
     title: str
     lecture: str  # what the lecture says, in the project's words
     references: str  # the reference numbers from the literature
@@ -97,10 +98,17 @@ class Claim:
     # the tags of the claim's baseline arm (protocol v2: at its best LR it must end below the count bigram,
     # or the claim is inconclusive, under-trained); a tag `lr` absent here means "at the arm's best LR"
     baseline: dict = dataclasses.field(default_factory=dict)
+    number: int | None = dataclasses.field(default=None, kw_only=True)  # the lecture's claims: 1 ... 15
 
     @property
     def short(self) -> str:
-        return f"c{self.number:02d}"
+        """c04 for the lecture's claim 4; a claim of your own (no number) is its name."""
+        return self.name if self.number is None else f"c{self.number:02d}"
+
+    @property
+    def heading(self) -> str:
+        """How a report names the claim: "Claim 4", or "Claim tied" for a claim of your own."""
+        return f"Claim {self.name if self.number is None else self.number}"
 
 
 class Results:
