@@ -36,7 +36,7 @@ def init_grad_norms(cfg: Config, n_batches: int = 4, leaf: str = "up") -> dict:
     import jax.numpy as jnp
 
     from lecture3 import losses
-    from lecture3.model import Transformer
+    from lecture3.model import Transformer, unstack_layers
 
     mesh, rules, steps = _setup(cfg)
     state = steps.init_state(cfg.model, cfg.train, mesh, rules)
@@ -48,8 +48,8 @@ def init_grad_norms(cfg: Config, n_batches: int = 4, leaf: str = "up") -> dict:
         def loss(p):
             return ce(model.apply({"params": p}, batch["inputs"]), batch)[0]
 
-        g = jax.grad(loss)(params)
-        return jnp.stack([jnp.linalg.norm(g[f"layer_{i}"]["mlp"][leaf]) for i in range(cfg.model.n_layers)])
+        layers = unstack_layers(cfg.model, jax.grad(loss)(params))  # layer order, scanned or not
+        return jnp.stack([jnp.linalg.norm(layer["mlp"][leaf]) for layer in layers])
 
     per_batch = [[float(x) for x in grads(params, {k: jnp.asarray(v) for k, v in b.items()})]
                  for b in _batches(cfg, n_batches)]
