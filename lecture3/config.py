@@ -1,7 +1,8 @@
 """Frozen, validated configuration: every architecture choice of the lecture is one field.
 
-`None` means "off". Invalid values or combinations raise `ValueError` at construction, naming the
-field, the value and what is allowed, so no bad config ever reaches `jit`.
+`None` means "off". Invalid values or combinations raise `ConfigError` (a `Lecture3Error`, so a
+`ValueError`) at construction, naming the field, the value and what is allowed, so no bad config ever
+reaches `jit`; ModelConfig's checks are the small `_check_*` functions of `MODEL_CHECKS`.
 """
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ class RopeScaling:
                self.original_max_position, "a positive integer")
 
 
+class ConfigError(Lecture3Error):
+    """A config key that does not exist, or a value that no field of that name can take."""
+
+
 def _check(ok: bool, field: str, value, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"ModelConfig.{field}={value!r} is invalid: expected {allowed}")
+        raise ConfigError(f"ModelConfig.{field}={value!r} is invalid: expected {allowed}")
 
 
 @functools.cache
@@ -145,92 +150,8 @@ class ModelConfig:
             object.__setattr__(self, "layer_pattern", tuple(self.layer_pattern))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
-        for name in ("norm", "norm_position", "activation", "block", "parallel_norm", "position",
-                     "rope_layout", "qk_norm", "param_dtype", "dtype", "remat", "attention_impl"):
-            value = getattr(self, name)
-            allowed = _literal_values(name)
-            if value is None and name in ("qk_norm", "remat"):
-                continue
-            _check(value in allowed, name, value, "one of " + ", ".join(map(repr, allowed))
-                   + (" or None" if name in ("qk_norm", "remat") else ""))
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff_multiple_of",
-                     "relative_buckets", "relative_max_distance", "attention_chunk"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name, value,
-                   "a positive integer")
-        for f in dataclasses.fields(self):
-            if f.type in ("bool", bool):
-                _check(isinstance(getattr(self, f.name), bool), f.name, getattr(self, f.name), "True or False")
-        for name in ("n_kv_heads", "head_dim", "d_ff", "sliding_window"):
-            value = getattr(self, name)
-            _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0),
-                   name, value, "a positive integer or None")
-        if self.n_kv_heads is not None:
-            _check(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
-                   f"a divisor of n_heads={self.n_heads} (n_heads for MHA, 1 for MQA)")
-        if self.head_dim is None:
-            _check(self.d_model % self.n_heads == 0, "n_heads", self.n_heads,
-                   f"a divisor of d_model={self.d_model}, or set head_dim explicitly")
-        _check(self.norm_eps > 0, "norm_eps", self.norm_eps, "a positive number")
-        _check(not (self.norm_bias and self.norm != "layernorm"), "norm_bias", self.norm_bias,
-               f"False with norm={self.norm!r} (only LayerNorm has a bias)")
-        _check(not (self.norm == "none" and self.qk_norm is not None), "qk_norm", self.qk_norm,
-               "None when norm='none' (qk_norm uses the model's norm)")
-        _check(not (self.norm == "none" and self.norm_position != "pre"), "norm_position",
-               self.norm_position, "'pre' when norm='none' (there is no norm to place)")
-        _check(not (self.block == "parallel" and self.norm_position != "pre"), "norm_position",
-               self.norm_position, "'pre' with block='parallel' (GPT-J/NeoX/PaLM parallel blocks are pre-norm)")
-        _check(not (self.block == "serial" and self.parallel_norm != "shared"), "parallel_norm",
-               self.parallel_norm, "'shared' with block='serial' (only a parallel block has a second input norm)")
-        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "a positive number")
-        _check(0.0 < self.rope_fraction <= 1.0, "rope_fraction", self.rope_fraction, "a number in (0, 1]")
-        rotary = int(self.resolved_head_dim * self.rope_fraction)
-        _check(self.position != "rope" or (rotary >= 2 and rotary % 2 == 0), "rope_fraction",
-               self.rope_fraction, f"a fraction giving an even number >= 2 of rotated dims of head_dim="
-               f"{self.resolved_head_dim} (got {rotary})")
-        _check(self.position == "rope" or self.rope_fraction == 1.0, "rope_fraction", self.rope_fraction,
-               f"1.0 with position={self.position!r} (it is the share of each head that RoPE rotates)")
-        _check(self.position == "rope" or self.rope_scaling is None, "rope_scaling", self.rope_scaling,
-               f"None with position={self.position!r} (it scales RoPE only)")
-        _check(self.position == "rope" or self.rope_layout == "half", "rope_layout", self.rope_layout,
-               f"'half' with position={self.position!r} (it is how RoPE pairs the dims it rotates)")
-        _check(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
-               self.rope_scaling, "a RopeScaling or None")
-        _check(self.position != "sinusoidal" or self.d_model % 2 == 0, "d_model", self.d_model,
-               "an even number with position='sinusoidal'")
-        _check(self.relative_buckets >= 2, "relative_buckets", self.relative_buckets,
-               "at least 2 (half are exact distances, half logarithmic)")
-        _check(self.relative_max_distance > self.relative_buckets // 2, "relative_max_distance",
-               self.relative_max_distance, f"more than relative_buckets // 2 = {self.relative_buckets // 2} "
-               "(the exact buckets); T5's log bucketing divides by log(max_distance / that)")
-        _check(self.init_std > 0, "init_std", self.init_std, "a positive number")
-        for name in ("query_scale", "attn_logit_softcap", "final_logit_softcap"):
-            value = getattr(self, name)
-            _check(value is None or value > 0, name, value, "a positive number or None (off)")
-        for name in ("embed_dropout", "resid_dropout", "attn_dropout"):
-            value = getattr(self, name)
-            _check(value is None or 0.0 < value < 1.0, name, value, "a rate in (0, 1), or None (off)")
-        _check(len(self.layer_pattern) > 0 and all(k in ("global", "local") for k in self.layer_pattern),
-               "layer_pattern", self.layer_pattern, "a non-empty tuple of 'global' / 'local'")
-        _check(self.n_layers % len(self.layer_pattern) == 0, "layer_pattern", self.layer_pattern,
-               f"a pattern whose length divides n_layers={self.n_layers}")
-        for option, value, why in (("attn_logit_softcap", self.attn_logit_softcap, "a soft-cap"),
-                                   ("attn_dropout", self.attn_dropout, "dropout on the probabilities"),
-                                   ("position", self.position if self.position == "relative" else None,
-                                    "T5's learned bias (its gradient)")):
-            _check(not (self.attention_impl == "cudnn" and value is not None), "attention_impl", "cudnn",
-                   f"'dense' or 'chunked' with {option}={value!r}: jax.nn.dot_product_attention cannot "
-                   f"express {why}")
-        _check(not (self.attention_impl == "chunked" and self.attn_dropout is not None), "attention_impl",
-               "chunked", f"'dense' with attn_dropout={self.attn_dropout!r}: the chunked softmax never "
-               "holds the probabilities that dropout would drop")
-        has_local = "local" in self.layer_pattern
-        _check(not has_local or self.sliding_window is not None, "sliding_window", self.sliding_window,
-               "a window size when layer_pattern has 'local' layers")
-        _check(has_local or self.sliding_window is None, "layer_pattern", self.layer_pattern,
-               "a pattern with at least one 'local' layer when sliding_window is set, e.g. ('local',)")
-        _check(self.position not in ("learned", "sinusoidal") or self.max_seq_len <= 1 << 20, "max_seq_len",
-               self.max_seq_len, "at most 2**20 with a position table")
+        for check in MODEL_CHECKS:
+            check(self)
 
     # ----- derived sizes -----
     @property
@@ -280,8 +201,140 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"ModelConfig has no field(s) {unknown}; remove them or check the spelling")
+            raise ConfigError(f"ModelConfig has no field(s) {unknown}; remove them or check the spelling")
         return cls(**d)
+
+
+# ----- ModelConfig's checks: each raises ConfigError naming the field, its value and what is allowed ------
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_choices(c: ModelConfig) -> None:
+    """Every Literal-typed field holds one of its values (None where the field may be off)."""
+    for name in ("norm", "norm_position", "activation", "block", "parallel_norm", "position",
+                 "rope_layout", "qk_norm", "param_dtype", "dtype", "remat", "attention_impl"):
+        value = getattr(c, name)
+        allowed = _literal_values(name)
+        if value is None and name in ("qk_norm", "remat"):
+            continue
+        _check(value in allowed, name, value, "one of " + ", ".join(map(repr, allowed))
+               + (" or None" if name in ("qk_norm", "remat") else ""))
+
+
+def _check_types(c: ModelConfig) -> None:
+    """Sizes are positive integers (some may be None), flags are booleans."""
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff_multiple_of",
+                 "relative_buckets", "relative_max_distance", "attention_chunk"):
+        _check(_positive_int(getattr(c, name)), name, getattr(c, name), "a positive integer")
+    for f in dataclasses.fields(c):
+        if f.type in ("bool", bool):
+            _check(isinstance(getattr(c, f.name), bool), f.name, getattr(c, f.name), "True or False")
+    for name in ("n_kv_heads", "head_dim", "d_ff", "sliding_window"):
+        value = getattr(c, name)
+        _check(value is None or _positive_int(value), name, value, "a positive integer or None")
+
+
+def _check_heads(c: ModelConfig) -> None:
+    if c.n_kv_heads is not None:
+        _check(c.n_heads % c.n_kv_heads == 0, "n_kv_heads", c.n_kv_heads,
+               f"a divisor of n_heads={c.n_heads} (n_heads for MHA, 1 for MQA)")
+    if c.head_dim is None:
+        _check(c.d_model % c.n_heads == 0, "n_heads", c.n_heads,
+               f"a divisor of d_model={c.d_model}, or set head_dim explicitly")
+
+
+def _check_norms(c: ModelConfig) -> None:
+    _check(c.norm_eps > 0, "norm_eps", c.norm_eps, "a positive number")
+    _check(not (c.norm_bias and c.norm != "layernorm"), "norm_bias", c.norm_bias,
+           f"False with norm={c.norm!r} (only LayerNorm has a bias)")
+    _check(not (c.norm == "none" and c.qk_norm is not None), "qk_norm", c.qk_norm,
+           "None when norm='none' (qk_norm uses the model's norm)")
+    _check(not (c.norm == "none" and c.norm_position != "pre"), "norm_position",
+           c.norm_position, "'pre' when norm='none' (there is no norm to place)")
+    _check(not (c.block == "parallel" and c.norm_position != "pre"), "norm_position",
+           c.norm_position, "'pre' with block='parallel' (GPT-J/NeoX/PaLM parallel blocks are pre-norm)")
+    _check(not (c.block == "serial" and c.parallel_norm != "shared"), "parallel_norm",
+           c.parallel_norm, "'shared' with block='serial' (only a parallel block has a second input norm)")
+
+
+def _check_rope(c: ModelConfig) -> None:
+    _check(c.rope_theta > 0, "rope_theta", c.rope_theta, "a positive number")
+    _check(0.0 < c.rope_fraction <= 1.0, "rope_fraction", c.rope_fraction, "a number in (0, 1]")
+    rotary = int(c.resolved_head_dim * c.rope_fraction)
+    _check(c.position != "rope" or (rotary >= 2 and rotary % 2 == 0), "rope_fraction",
+           c.rope_fraction, f"a fraction giving an even number >= 2 of rotated dims of head_dim="
+           f"{c.resolved_head_dim} (got {rotary})")
+    _check(c.position == "rope" or c.rope_fraction == 1.0, "rope_fraction", c.rope_fraction,
+           f"1.0 with position={c.position!r} (it is the share of each head that RoPE rotates)")
+    _check(c.position == "rope" or c.rope_scaling is None, "rope_scaling", c.rope_scaling,
+           f"None with position={c.position!r} (it scales RoPE only)")
+    _check(c.position == "rope" or c.rope_layout == "half", "rope_layout", c.rope_layout,
+           f"'half' with position={c.position!r} (it is how RoPE pairs the dims it rotates)")
+    _check(c.rope_scaling is None or isinstance(c.rope_scaling, RopeScaling), "rope_scaling",
+           c.rope_scaling, "a RopeScaling or None")
+
+
+def _check_other_positions(c: ModelConfig) -> None:
+    _check(c.position != "sinusoidal" or c.d_model % 2 == 0, "d_model", c.d_model,
+           "an even number with position='sinusoidal'")
+    _check(c.relative_buckets >= 2, "relative_buckets", c.relative_buckets,
+           "at least 2 (half are exact distances, half logarithmic)")
+    _check(c.relative_max_distance > c.relative_buckets // 2, "relative_max_distance",
+           c.relative_max_distance, f"more than relative_buckets // 2 = {c.relative_buckets // 2} "
+           "(the exact buckets); T5's log bucketing divides by log(max_distance / that)")
+
+
+def _check_scales(c: ModelConfig) -> None:
+    """init_std, the optional scale and soft-caps, and the dropout rates."""
+    _check(c.init_std > 0, "init_std", c.init_std, "a positive number")
+    for name in ("query_scale", "attn_logit_softcap", "final_logit_softcap"):
+        value = getattr(c, name)
+        _check(value is None or value > 0, name, value, "a positive number or None (off)")
+    for name in ("embed_dropout", "resid_dropout", "attn_dropout"):
+        value = getattr(c, name)
+        _check(value is None or 0.0 < value < 1.0, name, value, "a rate in (0, 1), or None (off)")
+
+
+def _check_layer_pattern(c: ModelConfig) -> None:
+    _check(len(c.layer_pattern) > 0 and all(k in ("global", "local") for k in c.layer_pattern),
+           "layer_pattern", c.layer_pattern, "a non-empty tuple of 'global' / 'local'")
+    _check(c.n_layers % len(c.layer_pattern) == 0, "layer_pattern", c.layer_pattern,
+           f"a pattern whose length divides n_layers={c.n_layers}")
+
+
+def _check_attention_impl(c: ModelConfig) -> None:
+    """What each way of computing attention cannot express."""
+    for option, value, why in (("attn_logit_softcap", c.attn_logit_softcap, "a soft-cap"),
+                               ("attn_dropout", c.attn_dropout, "dropout on the probabilities"),
+                               ("position", c.position if c.position == "relative" else None,
+                                "T5's learned bias (its gradient)")):
+        _check(not (c.attention_impl == "cudnn" and value is not None), "attention_impl", "cudnn",
+               f"'dense' or 'chunked' with {option}={value!r}: jax.nn.dot_product_attention cannot "
+               f"express {why}")
+    _check(not (c.attention_impl == "chunked" and c.attn_dropout is not None), "attention_impl",
+           "chunked", f"'dense' with attn_dropout={c.attn_dropout!r}: the chunked softmax never "
+           "holds the probabilities that dropout would drop")
+
+
+def _check_windows(c: ModelConfig) -> None:
+    has_local = "local" in c.layer_pattern
+    _check(not has_local or c.sliding_window is not None, "sliding_window", c.sliding_window,
+           "a window size when layer_pattern has 'local' layers")
+    _check(has_local or c.sliding_window is None, "layer_pattern", c.layer_pattern,
+           "a pattern with at least one 'local' layer when sliding_window is set, e.g. ('local',)")
+
+
+def _check_max_seq_len(c: ModelConfig) -> None:
+    _check(c.position not in ("learned", "sinusoidal") or c.max_seq_len <= 1 << 20, "max_seq_len",
+           c.max_seq_len, "at most 2**20 with a position table")
+
+
+# in this order: a later check may read what an earlier one vouched for (the head_dim of the rope check)
+MODEL_CHECKS = (_check_choices, _check_types, _check_heads, _check_norms, _check_rope, _check_other_positions,
+                _check_scales, _check_layer_pattern, _check_attention_impl, _check_windows, _check_max_seq_len)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,10 +506,6 @@ class Config:
         for section, fields in per_section.items():
             sections[section] = dataclasses.replace(sections[section], **fields)
         return Config(**sections)
-
-
-class ConfigError(Lecture3Error):
-    """A config key that does not exist, or a value that no field of that name can take."""
 
 
 def _field_names(cls: type) -> tuple[str, ...]:

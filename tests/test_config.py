@@ -8,7 +8,8 @@ import re
 
 import pytest
 
-from lecture3.config import ModelConfig, RopeScaling
+from lecture3.config import ConfigError, ModelConfig, RopeScaling
+from lecture3.errors import Lecture3Error
 
 
 def test_defaults_construct():
@@ -84,8 +85,10 @@ BAD = [
 
 @pytest.mark.parametrize("kwargs,field,value,allowed", BAD, ids=[f"{b[1]}={b[2]!r}" for b in BAD])
 def test_invalid_config_names_field_value_and_allowed(kwargs, field, value, allowed):
-    with pytest.raises(ValueError, match=err(field, value, allowed)):
+    """A ConfigError (lecture3's own: the CLI prints it as one line), still a ValueError for callers."""
+    with pytest.raises(ConfigError, match=err(field, value, allowed)) as e:
         ModelConfig(**kwargs)
+    assert isinstance(e.value, Lecture3Error) and isinstance(e.value, ValueError)
 
 
 def test_the_bad_table_is_broad():
@@ -100,7 +103,7 @@ def test_the_bad_table_is_broad():
     (dict(original_max_position=0), r"rope_scaling\.original_max_position=0 .*a positive integer"),
 ])
 def test_invalid_rope_scaling(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         RopeScaling(**kwargs)
 
 
@@ -123,7 +126,7 @@ def test_from_dict_round_trips(cfg):
 
 def test_from_dict_rejects_unknown_keys():
     d = ModelConfig().to_dict() | {"n_layer": 12}
-    with pytest.raises(ValueError, match=r"no field\(s\) \['n_layer'\]"):
+    with pytest.raises(ConfigError, match=r"no field\(s\) \['n_layer'\]"):
         ModelConfig.from_dict(d)
 
 
