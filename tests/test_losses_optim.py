@@ -1,5 +1,7 @@
 """Losses as pure functions, the AdamW decay mask, and the schedules."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -8,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from lecture3 import Transformer, losses
+from lecture3 import Transformer, losses, presets
 from lecture3.config import ModelConfig, TrainConfig
 from lecture3.optim import decay_mask, make_optimizer, schedule
 
@@ -113,6 +115,61 @@ def test_decay_mask_is_the_same_on_boxed_params(scan):
         assert moved[name] is False, name
     for name in ("layer_0/attn/q", "layer_0/attn/o", "layer_0/mlp/up", "layer_0/mlp/down"):
         assert moved[prefix + name] is True, name
+
+
+# The undecayed parameters of every preset (and three option configs the presets lack), as the name-based
+# rule of 297096c decided them, layer indices folded to `layer_*`: the structural rule must give the same.
+UNDECAYED_BY_PRESET = {name: tuple(names.split()) for name, names in {
+    "gpt2": "embed final_norm/bias final_norm/scale layer_*/attn/k_bias layer_*/attn/o_bias layer_*/attn/q_bias "
+            "layer_*/attn/v_bias layer_*/attn_norm/bias layer_*/attn_norm/scale layer_*/mlp/down_bias "
+            "layer_*/mlp/up_bias layer_*/mlp_norm/bias layer_*/mlp_norm/scale pos_embed",
+    "llama3": "embed final_norm/scale head layer_*/attn_norm/scale layer_*/mlp_norm/scale",
+    "gemma2": "embed final_norm/scale layer_*/attn_norm/scale layer_*/attn_post_norm/scale layer_*/mlp_norm/scale "
+              "layer_*/mlp_post_norm/scale",
+    "mistral": "embed final_norm/scale head layer_*/attn_norm/scale layer_*/mlp_norm/scale",
+    "qwen2": "embed final_norm/scale layer_*/attn/k_bias layer_*/attn/q_bias layer_*/attn/v_bias "
+             "layer_*/attn_norm/scale layer_*/mlp_norm/scale",
+    "olmo2": "embed final_norm/scale head layer_*/attn/k_norm layer_*/attn/q_norm layer_*/attn_norm/scale "
+             "layer_*/mlp_norm/scale",
+    "gpt_neox": "embed final_norm/bias final_norm/scale head layer_*/attn/k_bias layer_*/attn/o_bias "
+                "layer_*/attn/q_bias layer_*/attn/v_bias layer_*/attn_norm/bias layer_*/attn_norm/scale "
+                "layer_*/mlp/down_bias layer_*/mlp/up_bias layer_*/mlp_norm/bias layer_*/mlp_norm/scale",
+    "palm": "embed final_norm/scale layer_*/attn_norm/scale",
+    "modern": "embed final_norm/scale head layer_*/attn/k_norm layer_*/attn/q_norm layer_*/attn_norm/scale "
+              "layer_*/mlp_norm/scale",
+    "t5_relative": "embed final_norm/scale layer_*/attn_norm/scale layer_*/mlp_norm/scale rel_bias",
+    "qk_norm_full": "embed final_norm/bias final_norm/scale layer_*/attn/k_norm layer_*/attn/k_norm_bias "
+                    "layer_*/attn/q_norm layer_*/attn/q_norm_bias layer_*/attn_norm/bias layer_*/attn_norm/scale "
+                    "layer_*/mlp_norm/bias layer_*/mlp_norm/scale",
+    "parallel_separate": "embed final_norm/scale layer_*/attn/k_bias layer_*/attn/o_bias layer_*/attn/q_bias "
+                         "layer_*/attn/v_bias layer_*/attn_norm/scale layer_*/mlp/down_bias layer_*/mlp/gate_bias "
+                         "layer_*/mlp/up_bias layer_*/mlp_norm/scale",
+}.items()}
+MASK_EXTRA = {"t5_relative": dict(position="relative"),
+              "qk_norm_full": dict(qk_norm="full", norm="layernorm", norm_bias=True),
+              "parallel_separate": dict(block="parallel", parallel_norm="separate", qkv_bias=True, mlp_bias=True,
+                                        attn_out_bias=True)}
+
+
+def _undecayed(cfg: ModelConfig, decay_embeddings: bool) -> tuple[str, ...]:
+    shapes = jax.eval_shape(lambda: nn.unbox(Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))[
+        "params"]))
+    flat = _flat(decay_mask(shapes, decay_embeddings))
+    return tuple(sorted({re.sub(r"^(layers/)?layer_\d+/", "layer_*/", k) for k, v in flat.items() if not v}))
+
+
+@pytest.mark.parametrize("name", list(UNDECAYED_BY_PRESET))
+def test_decay_mask_is_the_pinned_one_on_every_preset_scanned_or_not(name):
+    cfg = (presets.get(name, "tiny") if name in presets.names()
+           else ModelConfig(d_model=32, n_layers=2, n_heads=4, max_seq_len=16, **MASK_EXTRA[name]))
+    for scan in (False, True):
+        assert _undecayed(cfg.replace(scan_layers=scan), False) == UNDECAYED_BY_PRESET[name], scan
+    embeddings = ("embed", "head", "pos_embed", "rel_bias")
+    assert _undecayed(cfg, True) == tuple(n for n in UNDECAYED_BY_PRESET[name] if n not in embeddings)
+
+
+def test_every_preset_has_a_pinned_decay_mask():
+    assert set(presets.names()) <= set(UNDECAYED_BY_PRESET)
 
 
 def test_learning_rate_follows_the_step_argument_not_the_update_count():
