@@ -1,12 +1,16 @@
 """AdamW with a weight-decay mask, global-norm clipping and the usual learning-rate schedules.
 
 The lecture: weight decay still matters in pre-training, less as regularisation than through its
-interaction with the learning-rate schedule. The decay rule (`decay_mask`), decided by parameter name:
+interaction with the learning-rate schedule. The decay rule (`decay_mask`) reads each parameter's shape, as
+nanoGPT's `dim >= 2` rule does, so a new parameter needs no entry in a list:
 
-  decayed        every attention and MLP matrix (q, k, v, o, up, gate, down)
-  never          norm gains and biases, qk-norm gains, every bias
-  on request     with `decay_embeddings`: the token embedding, the head (tied or untied, so a tie
-                 ablation changes one thing), the learned position table, the T5 relative-bias table
+  decayed        every matrix: two or more axes, not counting the stacked layer axis of `scan_layers`
+                 (q, k, v, o, up, gate, down)
+  never          vectors (norm gains, qk-norm gains) and biases, whose per-head ones have two axes (N, H)
+                 but are one vector per output unit
+  on request     with `decay_embeddings`: the embedding-like tables, by name (EMBEDDING_NAMES): the token
+                 embedding, the head (tied or untied, so a tie ablation changes one thing), the learned
+                 position table, the T5 relative-bias table
 
 The learning rate follows the *train step* (`step=` passed to `update`), not optax's own update count:
 a step that the train step skips (non-finite loss) still uses up its place in the schedule, while Adam's
@@ -24,6 +28,7 @@ import optax
 from lecture3.config import TrainConfig
 
 EMBEDDING_NAMES = ("embed", "head", "pos_embed", "rel_bias")  # decayed only with decay_embeddings
+SCANNED_LAYERS = "layers"  # with scan_layers, the params key whose leaves stack the layers on a leading axis
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -57,6 +62,12 @@ def schedule(cfg: TrainConfig) -> optax.Schedule:
     return fn
 
 
+def is_matrix(names: list[str], shape: tuple[int, ...]) -> bool:
+    """Two or more axes of weights (a scanned stack's leading layer axis not counted), and not a bias."""
+    stacked = 1 if names[0] == SCANNED_LAYERS else 0
+    return len(shape) - stacked >= 2 and not names[-1].endswith("bias")
+
+
 def decay_mask(params, decay_embeddings: bool = False):
     """True for the leaves AdamW decays (the rule in the module docstring); the same answer for a boxed
     tree (flax's `LogicallyPartitioned`, as `Transformer.init` returns it) and its `nn.unbox`."""
@@ -64,12 +75,9 @@ def decay_mask(params, decay_embeddings: bool = False):
     def decide(path, leaf):
         # a box wrapper adds an attribute key (`.value`) under the parameter's name: decide by dict keys only
         names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
-        last = names[-1]
-        if last in EMBEDDING_NAMES:
+        if names[-1] in EMBEDDING_NAMES:
             return decay_embeddings
-        if last == "scale" or last.endswith("bias") or last in ("q_norm", "k_norm"):
-            return False
-        return True
+        return is_matrix(names, leaf.shape)
 
     return jax.tree_util.tree_map_with_path(decide, params)
 
