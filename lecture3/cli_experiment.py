@@ -162,7 +162,7 @@ def _new(args) -> int:
     path = runner.new(args.new_name, folder)
     flags = f" --claims {_shell(folder)}"
     print(f"wrote {path}: a claim of your own, runnable as it is (tied vs untied embeddings on a tiny model).\n"
-          f"  lecture3 experiment {args.new_name}{flags} --quick   # the code path in seconds, no verdict\n"
+          f"  lecture3 experiment {args.new_name}{flags} --quick   # the code path in a minute, no verdict\n"
           f"  lecture3 experiment {args.new_name}{flags}           # the grid, then {folder / 'results'}/"
           f"{args.new_name}/report.md")
     return 0

@@ -3,7 +3,7 @@
 As written it asks whether tying the input and output embeddings costs quality, on a tiny model, so that
 it runs unedited:
 
-    lecture3 experiment NAME --claims DIR --quick   # the code path in seconds: a smoke run, never a verdict
+    lecture3 experiment NAME --claims DIR --quick   # the code path in a minute: a smoke run, no verdict
     lecture3 experiment NAME --claims DIR           # the grid (16 runs, a few minutes on one core), then
                                                     # DIR/results/NAME/report.md, whose last line is the verdict
 

@@ -87,6 +87,8 @@ def find_claim(name: str, folder: Path | None = None) -> Path:
     wanted = name.strip()
     if wanted.endswith(".py") or os.sep in wanted or "/" in wanted:
         path = Path(wanted).expanduser()
+        if folder is not None and not path.is_absolute() and (Path(folder) / path).is_file():
+            path = Path(folder) / path
         if not path.is_file():
             raise ExperimentError(f"no claim file {wanted}: pass an existing .py file, or a claim's name")
         return path.resolve()
