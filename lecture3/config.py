@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import types
 import typing
 from typing import Literal
 
@@ -31,6 +32,70 @@ Remat = Literal["full", "dots", "dots_no_batch"]
 AttentionImpl = Literal["dense", "chunked", "cudnn"]
 
 GATED_ACTIVATIONS = ("reglu", "geglu", "geglu_tanh", "swiglu")
+
+
+# ----- each field described once: its kind, its one-line help (with its source), and its choices (the Literal
+# type); validation, CLI help (flags.py), hf's RUNTIME_FIELDS, experiment keys and the sweep test read these
+
+Kind = Literal["architecture", "implementation", "training"]
+KINDS: dict[str, str] = {
+    "architecture": "changes the function the model computes",
+    "implementation": "only how it is computed or stored: same maths (a checkpoint loads with any value)",
+    "training": "how the model is trained (init, dropout, data): not part of a trained checkpoint's function",
+}
+
+
+def option(default, kind: Kind, help: str, *, key_neutral: bool = False):
+    """A config field with its description in `metadata`. `key_neutral`: the field was added after run
+    records were first written, and at `default` (the code before it) it is left out of the experiment key."""
+    assert kind in KINDS and help, (kind, help)
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, "key_neutral": key_neutral})
+
+
+def arch(default, help: str):
+    """A field that changes the maths (see `option`)."""
+    return option(default, "architecture", help)
+
+
+def impl(default, help: str, *, key_neutral: bool = False):
+    """A field that changes only how the same maths is computed (see `option`)."""
+    return option(default, "implementation", help, key_neutral=key_neutral)
+
+
+def training(default, help: str):
+    """A field of how a model is trained, or of a run (see `option`)."""
+    return option(default, "training", help)
+
+
+def kind(cls: type, name: str) -> str | None:
+    """The `Kind` of a described field of the config dataclass `cls`; None for an undescribed one."""
+    return {f.name: f.metadata.get("kind") for f in dataclasses.fields(cls)}[name]
+
+
+def fields_of_kind(cls: type, *kinds: str) -> tuple[str, ...]:
+    """The names of `cls`'s fields of any of `kinds`, in declaration order."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("kind") in kinds)
+
+
+@functools.cache
+def choices(cls: type, name: str) -> tuple:
+    """The values a `Literal`-typed field may hold, None last where it may be off; () for any other field."""
+    hint = typing.get_type_hints(cls)[name]
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    for arg in args:
+        if typing.get_origin(arg) is Literal:
+            return typing.get_args(arg) + ((None,) if type(None) in args else ())
+    return ()
+
+
+def literal_fields(cls: type) -> tuple[str, ...]:
+    """The fields of `cls` whose type names their choices (a `Literal`, possibly `| None`)."""
+    return tuple(f.name for f in dataclasses.fields(cls) if choices(cls, f.name))
+
+
+def _one_of(allowed: tuple) -> str:
+    values = [v for v in allowed if v is not None]
+    return "one of " + ", ".join(map(repr, values)) + (" or None" if None in allowed else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,87 +128,80 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
         raise ConfigError(f"ModelConfig.{field}={value!r} is invalid: expected {allowed}")
 
 
-@functools.cache
-def _literal_values(name: str) -> tuple:
-    hint = typing.get_type_hints(ModelConfig)[name]
-    for arg in (hint, *typing.get_args(hint)):
-        if typing.get_origin(arg) is Literal:
-            return typing.get_args(arg)
-    return ()
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """One transformer architecture. Each field is one choice of the lecture; `None` is off."""
 
     # --- sizes ---
-    vocab_size: int = 259  # the byte tokenizer: 256 bytes + specials
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # None = n_heads (MHA); 1 = MQA (Shazeer 2019); divisor = GQA (Ainslie 2023)
-    head_dim: int | None = None  # None = d_model / n_heads (the consensus); Gemma decouples it
-    d_ff: int | None = None  # None = 4 d_model (plain) or 8/3 d_model rounded up (gated), Shazeer 2020
-    d_ff_multiple_of: int = 64  # gated default d_ff is rounded up to a multiple of this (Llama uses 256)
-    max_seq_len: int = 1024  # longest sequence; sizes learned / sinusoidal tables
+    vocab_size: int = arch(259, "vocabulary size; 259 is the byte tokenizer's 256 bytes + specials")
+    d_model: int = arch(256, "width of the residual stream")
+    n_layers: int = arch(4, "number of blocks")
+    n_heads: int = arch(4, "query heads")
+    n_kv_heads: int | None = arch(None, "None = n_heads (MHA); 1 = MQA (Shazeer 2019); divisor = GQA (Ainslie 2023)")
+    head_dim: int | None = arch(None, "None = d_model / n_heads (the consensus); Gemma decouples it")
+    d_ff: int | None = arch(None, "None = 4 d_model (plain) or 8/3 d_model rounded up (gated), Shazeer 2020")
+    d_ff_multiple_of: int = arch(64, "gated default d_ff is rounded up to a multiple of this (Llama uses 256)")
+    max_seq_len: int = arch(1024, "longest sequence; sizes learned / sinusoidal tables")
 
     # --- normalisation ---
-    norm: Norm = "rmsnorm"  # RMSNorm (Zhang & Sennrich 2019) vs LayerNorm (Ba 2016)
-    norm_position: NormPosition = "pre"  # pre (GPT-2), post (Vaswani 2017), sandwich (Gemma 2), post_branch (OLMo 2)
-    norm_scale: bool = True  # learnable gain
-    norm_bias: bool = False  # learnable bias on LayerNorm (GPT-2 yes, modern models no)
-    norm_eps: float = 1e-5
+    norm: Norm = arch("rmsnorm", "RMSNorm (Zhang & Sennrich 2019) vs LayerNorm (Ba 2016)")
+    norm_position: NormPosition = arch("pre", "pre (GPT-2), post (Vaswani 2017), sandwich (Gemma 2), "
+                                              "post_branch (OLMo 2)")
+    norm_scale: bool = arch(True, "learnable gain")
+    norm_bias: bool = arch(False, "learnable bias on LayerNorm (GPT-2 yes, modern models no)")
+    norm_eps: float = arch(1e-5, "epsilon added to the variance (mean square) in every norm")
 
     # --- biases ---
-    qkv_bias: bool = False  # bias on q/k/v projections (GPT-2, Qwen2)
-    attn_out_bias: bool = False  # bias on the attention output projection (GPT-2)
-    mlp_bias: bool = False  # bias on MLP projections (GPT-2)
+    qkv_bias: bool = arch(False, "bias on q/k/v projections (GPT-2, Qwen2)")
+    attn_out_bias: bool = arch(False, "bias on the attention output projection (GPT-2)")
+    mlp_bias: bool = arch(False, "bias on MLP projections (GPT-2)")
 
     # --- feed-forward ---
-    activation: Activation = "swiglu"  # gated linear units (Shazeer 2020); relu2 = squared ReLU (So 2021)
+    activation: Activation = arch("swiglu", "gated linear units (Shazeer 2020); relu2 = squared ReLU (So 2021)")
 
     # --- block layout ---
-    block: Block = "serial"  # parallel attention + MLP (GPT-J, GPT-NeoX, PaLM)
-    parallel_norm: ParallelNorm = "shared"  # parallel block: one input norm (GPT-J, PaLM) or two (GPT-NeoX)
+    block: Block = arch("serial", "parallel attention + MLP (GPT-J, GPT-NeoX, PaLM)")
+    parallel_norm: ParallelNorm = arch("shared", "parallel block: one input norm (GPT-J, PaLM) or two (GPT-NeoX)")
 
     # --- positions ---
-    position: Position = "rope"  # RoPE (Su 2021); ALiBi (Press 2021); relative = T5 buckets (Raffel 2020)
-    rope_theta: float = 10_000.0
-    rope_fraction: float = 1.0  # share of each head that RoPE rotates (GPT-NeoX rotates 25%)
-    rope_scaling: RopeScaling | None = None  # Llama-3 frequency scaling for long context
-    rope_layout: RopeLayout = "half"  # pairs (i, i+H/2): GPT-NeoX, HF; (2i, 2i+1): RoFormer, GPT-J, Meta Llama
-    relative_buckets: int = 32  # T5 relative-position buckets
-    relative_max_distance: int = 128  # T5: distances past this share the last bucket
+    position: Position = arch("rope", "RoPE (Su 2021); ALiBi (Press 2021); relative = T5 buckets (Raffel 2020)")
+    rope_theta: float = arch(10_000.0, "RoPE base wavelength (Llama 3: 500000)")
+    rope_fraction: float = arch(1.0, "share of each head that RoPE rotates (GPT-NeoX rotates 25%)")
+    rope_scaling: RopeScaling | None = arch(None, "Llama-3 frequency scaling for long context")
+    rope_layout: RopeLayout = arch("half", "pairs (i, i+H/2): GPT-NeoX, HF; (2i, 2i+1): RoFormer, GPT-J, Meta Llama")
+    relative_buckets: int = arch(32, "T5 relative-position buckets")
+    relative_max_distance: int = arch(128, "T5: distances past this share the last bucket")
 
     # --- attention ---
-    query_scale: float | None = None  # None = 1/sqrt(head_dim); Gemma 2 uses 1/sqrt(query_pre_attn_scalar)
-    qk_norm: QKNorm | None = None  # norm q and k before the dot product (Dehghani 2023; OLMo 2 "full")
-    attn_logit_softcap: float | None = None  # cap * tanh(logits / cap) on attention logits (Gemma 2: 50)
-    sliding_window: int | None = None  # a local layer sees the last `sliding_window` keys (Mistral, Gemma 2)
-    layer_pattern: tuple[LayerKind, ...] = ("global",)  # repeated over layers; Gemma 2 ("local", "global")
-    document_mask: bool = False  # with segment ids, attention stays inside each packed document
-    # how attention is computed, same maths: dense (T x S logits; a local layer's keys in blocks of its
-    # window), chunked (query and key chunks with an online softmax: memory bounded, long global layers),
-    # cudnn (jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU, its XLA path elsewhere)
-    attention_impl: AttentionImpl = "dense"
-    attention_chunk: int = 512  # chunked: queries and keys per chunk
+    query_scale: float | None = arch(None, "None = 1/sqrt(head_dim); Gemma 2 uses 1/sqrt(query_pre_attn_scalar)")
+    qk_norm: QKNorm | None = arch(None, "norm q and k before the dot product (Dehghani 2023; OLMo 2 \"full\")")
+    attn_logit_softcap: float | None = arch(None, "cap * tanh(logits / cap) on attention logits (Gemma 2: 50)")
+    sliding_window: int | None = arch(None, "a local layer sees the last `sliding_window` keys (Mistral, Gemma 2)")
+    layer_pattern: tuple[LayerKind, ...] = arch(("global",), "repeated over layers; Gemma 2 (\"local\", \"global\")")
+    document_mask: bool = training(False, "with segment ids, attention stays inside each packed document")
+    attention_impl: AttentionImpl = impl(
+        "dense", "how attention is computed, same maths: dense (T x S logits; a local layer's keys in blocks of "
+        "its window), chunked (query and key chunks with an online softmax: memory bounded, long global layers), "
+        "cudnn (jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU, its XLA path elsewhere)",
+        key_neutral=True)
+    attention_chunk: int = impl(512, "chunked: queries and keys per chunk", key_neutral=True)
 
     # --- embeddings and head ---
-    tie_embeddings: bool = True  # head shares the embedding matrix (GPT-2, Gemma)
-    scale_embeddings: bool = False  # multiply embeddings by sqrt(d_model) (Gemma)
-    final_logit_softcap: float | None = None  # cap * tanh(logits / cap) on output logits (Gemma 2: 30)
-    init_std: float = 0.02
+    tie_embeddings: bool = arch(True, "head shares the embedding matrix (GPT-2, Gemma)")
+    scale_embeddings: bool = arch(False, "multiply embeddings by sqrt(d_model) (Gemma)")
+    final_logit_softcap: float | None = arch(None, "cap * tanh(logits / cap) on output logits (Gemma 2: 30)")
+    init_std: float = training(0.02, "standard deviation of the normal initialisation (GPT-2: 0.02)")
 
     # --- regularisation (the lecture: dropout has disappeared from pre-training) ---
-    embed_dropout: float | None = None
-    resid_dropout: float | None = None  # on each branch output before the residual add
-    attn_dropout: float | None = None  # on attention probabilities
+    embed_dropout: float | None = training(None, "dropout on the embeddings")
+    resid_dropout: float | None = training(None, "on each branch output before the residual add")
+    attn_dropout: float | None = training(None, "on attention probabilities")
 
     # --- numerics and compilation ---
-    param_dtype: DType = "float32"
-    dtype: DType = "float32"  # compute dtype of matmuls and of the residual stream; softmax, norms, logits f32
-    scan_layers: bool = False  # nn.scan over layers: compile time independent of depth
-    remat: Remat | None = None  # rematerialisation policy for each layer
+    param_dtype: DType = impl("float32", "storage dtype of the parameters")
+    dtype: DType = impl("float32", "compute dtype of matmuls and of the residual stream; softmax, norms, logits f32")
+    scan_layers: bool = impl(False, "nn.scan over layers: compile time independent of depth")
+    remat: Remat | None = impl(None, "rematerialisation policy for each layer")
 
     def __post_init__(self):
         if isinstance(self.layer_pattern, list):
@@ -214,14 +272,9 @@ def _positive_int(value) -> bool:
 
 def _check_choices(c: ModelConfig) -> None:
     """Every Literal-typed field holds one of its values (None where the field may be off)."""
-    for name in ("norm", "norm_position", "activation", "block", "parallel_norm", "position",
-                 "rope_layout", "qk_norm", "param_dtype", "dtype", "remat", "attention_impl"):
+    for name in literal_fields(ModelConfig):
         value = getattr(c, name)
-        allowed = _literal_values(name)
-        if value is None and name in ("qk_norm", "remat"):
-            continue
-        _check(value in allowed, name, value, "one of " + ", ".join(map(repr, allowed))
-               + (" or None" if name in ("qk_norm", "remat") else ""))
+        _check(value in choices(ModelConfig, name), name, value, _one_of(choices(ModelConfig, name)))
 
 
 def _check_types(c: ModelConfig) -> None:
