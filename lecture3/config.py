@@ -561,6 +561,12 @@ class Config:
         return Config(**sections)
 
 
+def config_sections() -> dict[str, type]:
+    """Each section of a run config and its dataclass: {"model": ModelConfig, "data": DataConfig, ...}."""
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
 def _field_names(cls: type) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls) if f.init)
 

@@ -22,15 +22,17 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lecture3.config import Config
+from lecture3.config import Config, config_sections
 from lecture3.experiment import stats
 
 RECORD_VERSION = 2  # bump when a change to the harness changes what a record holds or means (2: protocol v2,
 # its data pipeline: rows drawn from the whole training split, the whole validation split)
 # Config fields added after records were first written, with the value that is the code before them: a
 # field at that value is left out of the key, so adding it keeps the records of the runs it does not
-# change; any other value is in the key. Only for implementation choices that leave the maths unchanged.
-ADDED_FIELDS = {("model", "attention_impl"): "dense", ("model", "attention_chunk"): 512}
+# change; any other value is in the key. Only for implementation choices that leave the maths unchanged:
+# the fields config.py describes with `key_neutral=True` (model.attention_impl "dense", attention_chunk 512).
+ADDED_FIELDS = {(section, f.name): f.default for section, cls in config_sections().items()
+                for f in dataclasses.fields(cls) if f.metadata.get("key_neutral")}
 
 
 def key_config(config: Config) -> dict:

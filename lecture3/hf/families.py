@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from lecture3.config import ModelConfig, RopeScaling
+from lecture3.config import ModelConfig, RopeScaling, fields_of_kind
 from lecture3.hf.errors import HFError, require
 
 # HF activation name -> lecture3, for plain MLPs (GPT-2, GPT-NeoX) and gated ones (gate_proj/up_proj).
@@ -24,9 +24,9 @@ GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_pytorc
 PLAIN_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu", "relu2": "relu2"}
 GATED_TO_HF = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_pytorch_tanh", "reglu": "relu"}
 
-# Fields that are not part of the function a checkpoint computes: runtime, numerics and training choices.
-RUNTIME_FIELDS = ("init_std", "embed_dropout", "resid_dropout", "attn_dropout", "param_dtype", "dtype",
-                  "scan_layers", "remat", "document_mask", "attention_impl", "attention_chunk")
+# Fields that are not part of the function a checkpoint computes: runtime, numerics and training choices
+# (every field that config.py does not describe as "architecture").
+RUNTIME_FIELDS = fields_of_kind(ModelConfig, "implementation", "training")
 
 
 def unsupported(family: str, field: str, value: Any, why: str) -> HFError:
