@@ -414,34 +414,37 @@ def _positive_ints(obj, names: tuple[str, ...]) -> None:
 class TrainConfig:
     """Optimisation, schedule, logging and checkpointing of one run."""
 
-    steps: int = 600
-    batch_size: int = 16  # global batch, in sequences
-    lr: float = 3e-3  # peak learning rate
-    final_lr: float = 3e-4  # learning rate at the last step (cosine, wsd, inverse_sqrt)
-    warmup_steps: int = 60
-    schedule: Schedule = "cosine"  # wsd = warmup-stable-decay (Hu et al. 2024, MiniCPM)
-    decay_fraction: float = 0.2  # wsd: share of the steps spent decaying at the end
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float | None = 0.1  # decoupled (AdamW, Loshchilov & Hutter 2019); norms and biases excluded
-    decay_embeddings: bool = False  # also decay the embedding (and tied head) matrix
-    grad_clip: float | None = 1.0  # clip by global norm
-    weight_decay_mode: WeightDecayMode = "decoupled"  # decay * lr (AdamW) or decay * lr/peak_lr (Wortsman 2023)
-    z_loss: float | None = None  # weight of the z-loss term mean(log^2 Z) (PaLM: 1e-4)
-    loss: str = "cross_entropy"  # loss terms by name, e.g. cross_entropy+logit_l2:1e-5 (see loss_spec.TERM_ARGS)
-    log_per_layer: bool = False  # also log per-layer grad norm, update/param ratio and max attention logit
-    on_nonfinite: OnNonFinite = "stop"  # a NaN/Inf loss stops the run, or that update is skipped
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 200
-    eval_batches: int = 8  # validation batches of the fixed validation set
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    peak_tflops: float | None = None  # per-device dense peak in model.dtype, for MFU; None = known GPU/TPU table or CPU
-    sample_tokens: int = 120  # tokens of text generated at the end; 0 = no sample
-    progress: bool = True  # the progress bar
-    allow_config_change: bool = False  # resume although schedule, optimiser or data-order fields changed
+    steps: int = training(600, "optimiser steps of the run")
+    batch_size: int = training(16, "global batch, in sequences")
+    lr: float = training(3e-3, "peak learning rate")
+    final_lr: float = training(3e-4, "learning rate at the last step (cosine, wsd, inverse_sqrt)")
+    warmup_steps: int = training(60, "linear warmup from lr / warmup_steps to lr")
+    schedule: Schedule = training("cosine", "wsd = warmup-stable-decay (Hu et al. 2024, MiniCPM)")
+    decay_fraction: float = training(0.2, "wsd: share of the steps spent decaying at the end")
+    beta1: float = training(0.9, "Adam's first-moment decay")
+    beta2: float = training(0.95, "Adam's second-moment decay (0.95: GPT-3, Llama)")
+    eps: float = training(1e-8, "Adam's epsilon")
+    weight_decay: float | None = training(0.1, "decoupled (AdamW, Loshchilov & Hutter 2019); norms and biases excluded")
+    decay_embeddings: bool = training(False, "also decay the embedding (and tied head) matrix")
+    grad_clip: float | None = training(1.0, "clip by global norm")
+    weight_decay_mode: WeightDecayMode = training(
+        "decoupled", "decay * lr (AdamW) or decay * lr/peak_lr (Wortsman 2023)")
+    z_loss: float | None = training(None, "weight of the z-loss term mean(log^2 Z) (PaLM: 1e-4)")
+    loss: str = training(
+        "cross_entropy", "loss terms by name, e.g. cross_entropy+logit_l2:1e-5 (see loss_spec.TERM_ARGS)")
+    log_per_layer: bool = training(False, "also log per-layer grad norm, update/param ratio and max attention logit")
+    on_nonfinite: OnNonFinite = training("stop", "a NaN/Inf loss stops the run, or that update is skipped")
+    seed: int = training(0, "the init key PRNGKey(seed) and the dropout key PRNGKey(seed + 1)")
+    log_every: int = training(10, "steps between logged records")
+    eval_every: int = training(200, "steps between evaluations")
+    eval_batches: int = training(8, "validation batches of the fixed validation set")
+    checkpoint_every: int = training(200, "steps between checkpoints")
+    keep_checkpoints: int = training(3, "checkpoints kept on disk")
+    peak_tflops: float | None = training(
+        None, "per-device dense peak in model.dtype, for MFU; None = known GPU/TPU table or CPU")
+    sample_tokens: int = training(120, "tokens of text generated at the end; 0 = no sample")
+    progress: bool = training(True, "the progress bar")
+    allow_config_change: bool = training(False, "resume although schedule, optimiser or data-order fields changed")
 
     def __post_init__(self):
         _positive_ints(self, ("steps", "batch_size", "log_every", "eval_every", "eval_batches",
@@ -455,10 +458,9 @@ class TrainConfig:
             _fail("TrainConfig", "lr", self.lr, "a positive number")
         if not 0 <= self.final_lr <= self.lr:
             _fail("TrainConfig", "final_lr", self.final_lr, f"a number in [0, lr={self.lr}]")
-        if self.schedule not in typing.get_args(Schedule):
-            _fail("TrainConfig", "schedule", self.schedule, f"one of {typing.get_args(Schedule)}")
-        if self.on_nonfinite not in typing.get_args(OnNonFinite):
-            _fail("TrainConfig", "on_nonfinite", self.on_nonfinite, f"one of {typing.get_args(OnNonFinite)}")
+        for name in literal_fields(TrainConfig):  # schedule, weight_decay_mode, on_nonfinite
+            if getattr(self, name) not in choices(TrainConfig, name):
+                _fail("TrainConfig", name, getattr(self, name), f"one of {choices(TrainConfig, name)}")
         if not 0 < self.decay_fraction <= 1:
             _fail("TrainConfig", "decay_fraction", self.decay_fraction, "a number in (0, 1]")
         for name in ("beta1", "beta2"):
@@ -470,9 +472,6 @@ class TrainConfig:
                 _fail("TrainConfig", name, v, "a positive number, or None (off)")
         if not self.eps > 0:
             _fail("TrainConfig", "eps", self.eps, "a positive number")
-        if self.weight_decay_mode not in typing.get_args(WeightDecayMode):
-            _fail("TrainConfig", "weight_decay_mode", self.weight_decay_mode,
-                  f"one of {typing.get_args(WeightDecayMode)}")
         try:
             terms = parse_terms(self.loss)  # the spec is checked here, before any compute
         except LossSpecError as e:
@@ -486,9 +485,9 @@ class TrainConfig:
 class MeshConfig:
     """Device mesh sizes; -1 takes the devices left over (at most one axis may be -1)."""
 
-    data: int = -1
-    fsdp: int = 1  # parameters and optimiser state sharded over this axis (ZeRO-3 style)
-    tensor: int = 1  # heads, MLP hidden and vocabulary split over this axis (Megatron style)
+    data: int = impl(-1, "data-parallel axis size")
+    fsdp: int = impl(1, "parameters and optimiser state sharded over this axis (ZeRO-3 style)")
+    tensor: int = impl(1, "heads, MLP hidden and vocabulary split over this axis (Megatron style)")
 
     def __post_init__(self):
         sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
@@ -503,9 +502,9 @@ class MeshConfig:
 class DistConfig:
     """Multi-host set-up for `jax.distributed.initialize`; all None = single process, or auto on TPU/SLURM."""
 
-    coordinator_address: str | None = None  # host:port of process 0
-    num_processes: int | None = None
-    process_id: int | None = None
+    coordinator_address: str | None = impl(None, "host:port of process 0")
+    num_processes: int | None = impl(None, "number of processes (hosts)")
+    process_id: int | None = impl(None, "this process's index in [0, num_processes)")
 
     def __post_init__(self):
         given = [v is not None for v in (self.coordinator_address, self.num_processes, self.process_id)]
