@@ -14,6 +14,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -50,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Lecture3Error as e:  # the project's own errors only: a bug keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingError) else 2
+    except BrokenPipeError:  # `lecture3 ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
 
 
 if __name__ == "__main__":

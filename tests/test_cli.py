@@ -6,6 +6,7 @@ import dataclasses
 import importlib.machinery
 import importlib.util
 import os
+import sys
 
 import pytest
 
@@ -202,3 +203,15 @@ def test_the_tensorboard_the_readme_tells_users_to_run_is_an_extra():
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert [r for r in extras["tb"] if r.startswith("tensorboard")]
     assert '`pip install -e ".[tb]"` and `tensorboard --logdir DIR/tb`' in (root / "README.md").read_text()
+
+
+def test_output_piped_into_head_ends_quietly(monkeypatch, tmp_path):
+    """`lecture3 experiment --csv | head`: the reader leaving is not an error (no BrokenPipeError trace)."""
+    def closed_pipe(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    help_text, add_args, _ = cli.COMMANDS["data"]
+    monkeypatch.setitem(cli.COMMANDS, "data", (help_text, add_args, closed_pipe))
+    with open(tmp_path / "out", "w") as f:
+        monkeypatch.setattr(sys, "stdout", f)
+        assert cli.main(["data"]) == 0

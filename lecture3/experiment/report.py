@@ -231,7 +231,7 @@ def write(claim: Claim, results: Results, folder: Path, refs: dict | None, *, sc
     """Write `folder/report.md` (and the claim's plots); `refs` are `references.references` of its baseline."""
     folder.mkdir(parents=True, exist_ok=True)
     criteria = judged(claim, results)
-    lines = [f"# Claim {claim.number}: {claim.title}", "", claim.lecture.strip(), "",
+    lines = [f"# {claim.heading}: {claim.title}", "", claim.lecture.strip(), "",
              "## What the literature measured", "", claim.references.strip(), "",
              "## Setup actually run", "", *setup_lines(claim, results, scale, quick)]
     if claim.setup:
@@ -253,7 +253,7 @@ def write(claim: Claim, results: Results, folder: Path, refs: dict | None, *, sc
             figures = claim.plots(results, folder)
             comps = [(f"{c.name} {p.label}", p) for c in criteria for _, p in c.comparisons]
             if comps and not quick:
-                path = forest(comps, folder / "comparisons.png", f"claim {claim.number}: the comparisons")
+                path = forest(comps, folder / "comparisons.png", f"{claim.heading}: the comparisons")
                 figures.append((path.name, "every comparison, relative to mean(B), with its 95% CI and margin"))
         except ImportError:
             lines += ["", "(plots need matplotlib: pip install 'lecture3[plot]')"]
