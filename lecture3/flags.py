@@ -1,7 +1,9 @@
 """Dotted command-line flags from the frozen config dataclasses; stdlib only, shared by every subcommand.
 
 `add_dataclass_flags(parser, "data", DataConfig)` turns every field into a dotted flag
-(`--data.seq-len`, `--data.tfds-data-dir`), with the field's comment as its help, and
+(`--data.seq-len`, `--data.tfds-data-dir`), its choices from the field's `Literal` type and its help from the
+field's description (config.py's `arch` / `impl` / `training`: `metadata["help"]`, an implementation-only
+field marked so), or else from the `# comment` after the field, and
 `dataclass_from_args(args, "data", DataConfig)` builds the config from the flags the user gave.
 A bad flag prints one line and a pointer to `--help`, not the whole usage.
 """
@@ -161,6 +163,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, prefix: str, cls: type,
         else:
             default = "required"
         doc = field.metadata.get("help") or comments.get(field.name, "")
+        if field.metadata.get("kind") == "implementation":
+            doc += " [implementation only: same maths]"
         default_text = _NONE if default is None else str(default)
         names = [f"--{prefix}.{field.name.replace('_', '-')}", *(aliases or {}).get(field.name, ())]
         # SUPPRESS: a flag the user did not give leaves no attribute, so the base config keeps its value.
