@@ -31,22 +31,39 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
         raise ValueError(f"DataConfig.{field}={value!r} is invalid: expected {allowed}")
 
 
+def _described(default, kind: str, help: str):
+    """A field described as `lecture3.config.option` describes one (that module imports this one, so the few
+    data fields build the same metadata here): its kind and its one-line help."""
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, "key_neutral": False})
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Where the text comes from, how it becomes tokens, and how it is packed, shuffled and held out."""
 
-    source: str = "stdlib"  # stdlib (this Python's standard library) | files:GLOB | tfds:NAME[:SPLIT]
-    tokenizer: str = "bytes"  # bytes | bpe:N (trained on the train split) | path to tokenizer.json / .model
-    seq_len: int = 256  # tokens per training row; rows hold seq_len + 1 so targets are inputs shifted by one
-    data_dir: str | None = None  # built data and tokenizers; None: $LECTURE3_DATA_DIR or ~/.cache/lecture3
-    tfds_data_dir: str | None = None  # prepared tfds datasets; None: $TFDS_DATA_DIR or ~/tensorflow_datasets
-    tfds_val_split: str | None = None  # held-out split of a tfds: source; None: "validation", else "test"
-    seed: int = 0  # shuffle seed; documents are reshuffled every epoch from it
-    val_sequences: int = 64  # rows of seq_len + 1 tokens in the fixed validation set, spread over the split
-    val_fraction: float = 0.03  # share of local documents hashed (by relative path) into validation
-    shuffle_buffer: int = 4096  # rows a streamed (not token-cached) source shuffles together (grain window)
-    num_workers: int = 0  # grain worker processes (0: in this process); the batch order depends on it
-    cache_tokens: bool | None = None  # tokenize once into the cache; None: local sources and tfds under 1 GiB
+    source: str = _described(
+        "stdlib", "training", "stdlib (this Python's standard library) | files:GLOB | tfds:NAME[:SPLIT]")
+    tokenizer: str = _described(
+        "bytes", "training", "bytes | bpe:N (trained on the train split) | path to tokenizer.json / .model")
+    seq_len: int = _described(
+        256, "training", "tokens per training row; rows hold seq_len + 1 so targets are inputs shifted by one")
+    data_dir: str | None = _described(
+        None, "implementation", "built data and tokenizers; None: $LECTURE3_DATA_DIR or ~/.cache/lecture3")
+    tfds_data_dir: str | None = _described(
+        None, "implementation", "prepared tfds datasets; None: $TFDS_DATA_DIR or ~/tensorflow_datasets")
+    tfds_val_split: str | None = _described(
+        None, "training", 'held-out split of a tfds: source; None: "validation", else "test"')
+    seed: int = _described(0, "training", "shuffle seed; documents are reshuffled every epoch from it")
+    val_sequences: int = _described(
+        64, "training", "rows of seq_len + 1 tokens in the fixed validation set, spread over the split")
+    val_fraction: float = _described(
+        0.03, "training", "share of local documents hashed (by relative path) into validation")
+    shuffle_buffer: int = _described(
+        4096, "training", "rows a streamed (not token-cached) source shuffles together (grain window)")
+    num_workers: int = _described(
+        0, "training", "grain worker processes (0: in this process); the batch order depends on it")
+    cache_tokens: bool | None = _described(
+        None, "training", "tokenize once into the cache; None: local sources and tfds under 1 GiB")
 
     def __post_init__(self):
         _check(
