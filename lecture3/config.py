@@ -432,6 +432,10 @@ class TrainConfig:
     z_loss: float | None = training(None, "weight of the z-loss term mean(log^2 Z) (PaLM: 1e-4)")
     loss: str = training(
         "cross_entropy", "loss terms by name, e.g. cross_entropy+logit_l2:1e-5 (see loss_spec.TERM_ARGS)")
+    loss_chunk: int | None = impl(
+        None, "positions per chunk of the head and the loss terms that read logits, each chunk's logits recomputed "
+              "in the backward pass: no [B, T, V] float32 logits or gradient held (cf. MaxText's vocabulary "
+              "tiling); None = all at once", key_neutral=True)
     log_per_layer: bool = training(False, "also log per-layer grad norm, update/param ratio and max attention logit")
     on_nonfinite: OnNonFinite = training("stop", "a NaN/Inf loss stops the run, or that update is skipped")
     seed: int = training(0, "the init key PRNGKey(seed) and the dropout key PRNGKey(seed + 1)")
@@ -466,6 +470,9 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 _fail("TrainConfig", name, getattr(self, name), "a number in [0, 1)")
+        if self.loss_chunk is not None and not (isinstance(self.loss_chunk, int) and not
+                                                 isinstance(self.loss_chunk, bool) and self.loss_chunk > 0):
+            _fail("TrainConfig", "loss_chunk", self.loss_chunk, "a positive number of positions, or None (off)")
         for name in ("weight_decay", "grad_clip", "z_loss", "peak_tflops"):
             v = getattr(self, name)
             if v is not None and not v > 0:

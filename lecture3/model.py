@@ -65,6 +65,20 @@ class Output:
     logits: jax.Array  # float32[B, T, V]
     cache: tuple | None = None
     captured: dict = flax.struct.field(default_factory=dict)
+    hidden: jax.Array | None = None  # float[B, T, D]: what the head reads, with `head=False` only (logits None)
+
+
+def head_logits(cfg: ModelConfig, x: jax.Array, w: jax.Array) -> jax.Array:
+    """The output head: x float[..., D] times w [D, V] in the compute dtype -> float32 logits, soft-capped.
+    `w` is `head_matrix(cfg, params)` (or already cast); the model's own head is this function."""
+    logits = dense(x, w.astype(DTYPES[cfg.dtype]), preferred_element_type=jnp.float32)
+    logits = softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
+    return constrain(logits, ("batch", "length", "vocab"))
+
+
+def head_matrix(cfg: ModelConfig, params: dict) -> jax.Array:
+    """The head's weights [D, V] in `params` (boxed by `init` or not): the embedding's transpose when tied."""
+    return nn.unbox(params["embed"]).T if cfg.tie_embeddings else nn.unbox(params["head"])
 
 
 def _stack_captured(per_layer: list[dict]) -> dict:
@@ -126,7 +140,7 @@ class Transformer(nn.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: tuple | None = None,
                  q_idx: jax.Array | None = None, deterministic: bool = True,
-                 capture: Sequence[str] | None = None, splits: int = 1):
+                 capture: Sequence[str] | None = None, splits: int = 1, head: bool = True):
         """tokens int32[B, T] -> logits float32[B, T, V] (and the new cache when `cache` is given).
 
         capture: None (the default: nothing extra is computed) or names of `lecture3.capture.CAPTURES`;
@@ -142,6 +156,10 @@ class Transformer(nn.Module):
         side (`lecture3.steps.batch_splits`); the embedding, final norm and head see the whole batch. The same
         logits and captures up to float rounding. Not with a cache, nor with dropout drawing masks.
 
+        head: False stops after the final norm and returns an `Output` whose `hidden` is the stream the
+        head would read, float[B, T, D], and whose `logits` is None: for a loss that applies the head
+        itself a few positions at a time (`head_logits`, `losses.chunked`). Not with the `log_z` capture.
+
         With `position="learned"`, a position outside [0, max_seq_len) raises `Lecture3Error` when the
         positions are concrete (eager `apply`); under `jit` their values are unknown, so they are clipped
         into the table (the last row serves every position past it).
@@ -150,6 +168,9 @@ class Transformer(nn.Module):
         names = () if capture is None else capture_names.check(capture)
         layer_names = tuple(n for n in names if n in capture_names.PER_LAYER)
         b, t = tokens.shape
+        if not head and "log_z" in names:
+            raise Lecture3Error("capture 'log_z' reads the logits, which head=False does not compute; "
+                                "leave it out or use head=True")
         check_splits(cfg, splits, b, cache, deterministic)
         if cfg.position == "learned" and t > cfg.max_seq_len:
             raise Lecture3Error(f"sequence length {t} is longer than max_seq_len={cfg.max_seq_len}, the learned "
@@ -214,14 +235,13 @@ class Transformer(nn.Module):
 
         if cfg.has_final_norm:
             x = Norm(cfg, name="final_norm")(x)
+        if not head:
+            return Output(None, cache, {n: captured[n] for n in names}, hidden=x)
         if cfg.tie_embeddings:
-            logits = dense(x, embed.astype(dt).T, preferred_element_type=jnp.float32)  # [B, T, V]
+            logits = head_logits(cfg, x, embed.astype(dt).T)  # [B, T, V]
         else:
-            head = param(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                         normal(cfg.init_std), cfg.param_dtype)
-            logits = dense(x, head.astype(dt), preferred_element_type=jnp.float32)
-        logits = softcap(logits.astype(jnp.float32), cfg.final_logit_softcap)
-        logits = constrain(logits, ("batch", "length", "vocab"))
+            logits = head_logits(cfg, x, param(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
+                                               normal(cfg.init_std), cfg.param_dtype))
         if capture is None:
             return logits if cache is None else (logits, cache)
         if "log_z" in names:

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from lecture3 import diagnostics, losses, runtime
 from lecture3.config import ModelConfig, TrainConfig
-from lecture3.model import Transformer
+from lecture3.model import Transformer, head_logits, head_matrix
 from lecture3.optim import make_optimizer, schedule
 from lecture3.sharding import batch_sharding, tree_shardings
 
@@ -60,6 +60,14 @@ def batch_splits(cfg: ModelConfig, train: TrainConfig, mesh: Mesh) -> int:
     return 2 if one_cpu and train.batch_size % 2 == 0 and not cfg.has_dropout else 1
 
 
+def _captures(cfg: ModelConfig, loss_fn: losses.LossFn, logit_max: bool | None) -> tuple[str, ...]:
+    """What the forward captures: what the terms need and, with `logit_max`, each head's largest attention logit
+    (see `forward_metrics`)."""
+    if logit_max is None:
+        logit_max = cfg.attention_impl != "cudnn"
+    return tuple(dict.fromkeys((*(("attn_logit_max",) if logit_max else ()), *losses.required(loss_fn))))
+
+
 def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: losses.LossFn, rng=None, splits: int = 1,
                     logit_max: bool | None = None):
     """Loss, its terms, and the stability signals: largest attention logit and mean |log Z|. The model
@@ -70,9 +78,7 @@ def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: losses.Lo
     their softmax, the fused kernel never forms the logits (reading them rebuilds the T x S product).
     `splits`: the layers take the batch in that many independent parts (`Transformer`'s `splits`)."""
     deterministic = rng is None
-    if logit_max is None:
-        logit_max = model.cfg.attention_impl != "cudnn"
-    names = tuple(dict.fromkeys((*(("attn_logit_max",) if logit_max else ()), *losses.required(loss_fn))))
+    names = _captures(model.cfg, loss_fn, logit_max)
     out = model.apply(
         {"params": params}, batch["inputs"], **model_inputs(model.cfg, batch), deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng}, capture=names, splits=splits)
@@ -84,11 +90,33 @@ def forward_metrics(model: Transformer, params, batch: Batch, loss_fn: losses.Lo
     return loss, (metrics, out.captured)
 
 
+def forward_metrics_chunked(model: Transformer, params, batch: Batch, loss_fn: losses.LossFn, chunk: int, rng=None,
+                            splits: int = 1, logit_max: bool | None = None):
+    """`forward_metrics` without the full logits: the model stops before its head, and the head, the loss terms
+    that read the logits and |log Z| run `chunk` positions at a time (`losses.chunked`): the same loss,
+    gradients and metrics up to float rounding, with one chunk's [B, chunk, V] float32 logits live at once."""
+    cfg, deterministic = model.cfg, rng is None
+    names = _captures(cfg, loss_fn, logit_max)
+    out = model.apply(
+        {"params": params}, batch["inputs"], **model_inputs(cfg, batch), deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng}, capture=names, splits=splits, head=False)
+    w = head_matrix(cfg, params)
+    loss, metrics = losses.chunked(loss_fn, out.hidden, lambda x: head_logits(cfg, x, w), batch,
+                                   {"params": params, **out.captured}, chunk,
+                                   metrics=lambda logits, targets, lz: {"log_z_abs": jnp.abs(lz)})
+    if "attn_logit_max" in out.captured:
+        metrics["max_attn_logit"] = jnp.max(out.captured["attn_logit_max"])
+    return loss, (metrics, out.captured)
+
+
 def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: losses.LossFn | None = None,
                     optimizer: optax.GradientTransformation | None = None, splits: int = 1) -> Callable:
     """The pure step. `loss_fn` defaults to the config's terms; pass your own composition to add one.
     `splits`: the forward in that many independent parts of the batch (`batch_splits` says how many
     lecture3 uses for a mesh); the loss, gradients and update are the same up to float rounding.
+    With `train.loss_chunk` the head and the loss run that many positions at a time (`forward_metrics_chunked`):
+    the same again up to float rounding, without the [B, T, V] logits; every term of `loss_fn` must then be
+    a `losses.token_term` or `losses.logits_free`.
 
     The optimizer is called as `update(grads, opt_state, params, step=state.step)`: `make_optimizer`'s
     learning rate follows the train step, and an optimizer that takes no extra arguments ignores it.
@@ -107,10 +135,19 @@ def make_train_step(cfg: ModelConfig, train: TrainConfig, loss_fn: losses.LossFn
     lr_at = schedule(train)
     skip = train.on_nonfinite == "skip"
 
+    chunk = train.loss_chunk
+    if chunk is not None:
+        losses.check_chunkable(loss_fn)  # here, before anything is traced
+
+    def forward(params, batch: Batch, rng):
+        logit_max = train.log_per_layer or None
+        if chunk is None:
+            return forward_metrics(model, params, batch, loss_fn, rng, splits, logit_max)
+        return forward_metrics_chunked(model, params, batch, loss_fn, chunk, rng, splits, logit_max)
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         rng = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(lambda p: forward_metrics(model, p, batch, loss_fn, rng, splits,
-                                                               train.log_per_layer or None), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p: forward(p, batch, rng), has_aux=True)
         (loss, (metrics, captured)), grads = grad_fn(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params, step=state.step)
         params = optax.apply_updates(state.params, updates)
