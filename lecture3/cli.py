@@ -4,6 +4,7 @@
     lecture3 train ...      lecture3.cli_train     train or resume a run
     lecture3 generate ...   lecture3.cli_generate  continue prompts with the KV cache
     lecture3 experiment ... lecture3.cli_experiment  the lecture's claims: runs, criteria, reports
+    lecture3 plan ...       lecture3.cli_plan      compile the train step for a TPU slice: fits or not
 
 The flags come from the config dataclasses (`lecture3.flags`). The project's own errors
 (`Lecture3Error`: bad input, a config that fails validation, a missing extra) print one line
@@ -18,7 +19,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from lecture3 import cli_data, cli_experiment, cli_generate, cli_train, runtime
+from lecture3 import cli_data, cli_experiment, cli_generate, cli_plan, cli_train, runtime
 from lecture3.errors import Lecture3Error
 from lecture3.flags import ArgumentParser, UsageError  # noqa: F401 - UsageError is part of the CLI's API
 
@@ -28,6 +29,7 @@ COMMANDS: dict[str, Command] = {
     "train": cli_train.command(),
     "generate": cli_generate.command(),
     "experiment": cli_experiment.command(),
+    "plan": cli_plan.command(),
 }
 
 
