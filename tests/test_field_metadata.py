@@ -1,0 +1,76 @@
+"""Each config field is described once (config.option: kind, help, key_neutral; choices in its Literal type),
+and what other modules used to list by hand is derived from that description."""
+
+import dataclasses
+
+import pytest
+
+from lecture3.config import (
+    KINDS,
+    Config,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    choices,
+    config_sections,
+    fields_of_kind,
+    literal_fields,
+)
+from lecture3.experiment import spec
+from lecture3.flags import ArgumentParser, add_dataclass_flags
+from lecture3.hf.families import RUNTIME_FIELDS
+
+
+@pytest.mark.parametrize("section", list(config_sections()))
+def test_every_field_of_every_section_is_described(section):
+    cls = config_sections()[section]
+    for f in dataclasses.fields(cls):
+        assert f.metadata.get("kind") in KINDS, f"{cls.__name__}.{f.name}: describe it with arch/impl/training"
+        assert f.metadata.get("help", "").strip(), f"{cls.__name__}.{f.name} has no help"
+
+
+def test_runtime_fields_are_the_fields_that_are_not_architecture():
+    assert set(RUNTIME_FIELDS) == {"init_std", "embed_dropout", "resid_dropout", "attn_dropout", "param_dtype",
+                                   "dtype", "scan_layers", "remat", "document_mask", "attention_impl",
+                                   "attention_chunk"}  # the hand-kept tuple of 297096c
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert set(RUNTIME_FIELDS) == names - set(fields_of_kind(ModelConfig, "architecture"))
+
+
+def test_experiment_key_neutral_fields_keep_their_values():
+    """Every record's key depends on these values: changing them orphans the committed records. A field added
+    later joins them (key_neutral=True, at its default)."""
+    pinned = {("model", "attention_impl"): "dense", ("model", "attention_chunk"): 512}
+    assert spec.ADDED_FIELDS.items() >= pinned.items()
+    for (section, name), value in spec.ADDED_FIELDS.items():
+        assert getattr(config_sections()[section](), name) == value
+
+
+@pytest.mark.parametrize("name", literal_fields(ModelConfig))
+def test_every_literal_field_is_validated_at_construction(name):
+    """No hand-typed tuple: a Literal-typed field, new or old, rejects a value outside its choices."""
+    allowed = [v for v in choices(ModelConfig, name) if v is not None]
+    with pytest.raises(ConfigError, match=rf"^ModelConfig\.{name}='bogus' is invalid: expected one of "
+                                          + ", ".join(repr(v) for v in allowed)):
+        ModelConfig(**{name: "bogus"})
+
+
+def test_literal_fields_are_found_from_the_types():
+    assert {"norm", "position", "qk_norm", "remat", "attention_impl", "dtype"} <= set(literal_fields(ModelConfig))
+    assert "layer_pattern" not in literal_fields(ModelConfig)  # a tuple of choices, checked on its own
+    assert choices(ModelConfig, "qk_norm") == ("per_head", "full", None)
+    assert set(literal_fields(TrainConfig)) == {"schedule", "weight_decay_mode", "on_nonfinite"}
+    with pytest.raises(ValueError, match=r"TrainConfig\.on_nonfinite='x' is invalid: expected one of \('stop'"):
+        TrainConfig(on_nonfinite="x")
+
+
+def test_flag_help_is_the_fields_help():
+    parser = ArgumentParser()
+    for section, cls in config_sections().items():
+        add_dataclass_flags(parser, section, cls, defaults=getattr(Config(), section))
+    actions = {a.dest: a for a in parser._actions}
+    for section, cls in config_sections().items():
+        for f in dataclasses.fields(cls):
+            assert actions[f"{section}.{f.name}"].help.startswith(f.metadata["help"].replace("%", "%%"))
+    assert "[implementation only" in actions["model.attention_impl"].help
+    assert "[implementation only" not in actions["model.norm"].help
