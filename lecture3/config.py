@@ -278,16 +278,15 @@ def _check_choices(c: ModelConfig) -> None:
 
 
 def _check_types(c: ModelConfig) -> None:
-    """Sizes are positive integers (some may be None), flags are booleans."""
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "d_ff_multiple_of",
-                 "relative_buckets", "relative_max_distance", "attention_chunk"):
-        _check(_positive_int(getattr(c, name)), name, getattr(c, name), "a positive integer")
+    """From each field's type: an `int` is a positive integer (an `int | None` may be None), a `bool` a bool."""
     for f in dataclasses.fields(c):
-        if f.type in ("bool", bool):
-            _check(isinstance(getattr(c, f.name), bool), f.name, getattr(c, f.name), "True or False")
-    for name in ("n_kv_heads", "head_dim", "d_ff", "sliding_window"):
-        value = getattr(c, name)
-        _check(value is None or _positive_int(value), name, value, "a positive integer or None")
+        value = getattr(c, f.name)
+        if f.type in ("int", int):
+            _check(_positive_int(value), f.name, value, "a positive integer")
+        elif f.type in ("int | None", int | None):
+            _check(value is None or _positive_int(value), f.name, value, "a positive integer or None")
+        elif f.type in ("bool", bool):
+            _check(isinstance(value, bool), f.name, value, "True or False")
 
 
 def _check_heads(c: ModelConfig) -> None:

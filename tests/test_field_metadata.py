@@ -74,3 +74,12 @@ def test_flag_help_is_the_fields_help():
             assert actions[f"{section}.{f.name}"].help.startswith(f.metadata["help"].replace("%", "%%"))
     assert "[implementation only" in actions["model.attention_impl"].help
     assert "[implementation only" not in actions["model.norm"].help
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ModelConfig) if f.type in ("int", "int | None")])
+def test_every_int_field_is_checked_from_its_type(name):
+    """No hand-typed tuple of sizes: a new `int` field is a positive integer (`int | None`: or None) too."""
+    optional = ModelConfig.__dataclass_fields__[name].type == "int | None"
+    allowed = "a positive integer" + (" or None" if optional else "")
+    with pytest.raises(ConfigError, match=rf"^ModelConfig\.{name}=0 is invalid: expected {allowed}$"):
+        ModelConfig(**{name: 0})
