@@ -46,12 +46,13 @@ def _run_plan(args: argparse.Namespace) -> int:
     from lecture3 import plan
     from lecture3.loop import PEAK_TFLOPS
 
+    devices = plan.topology_devices(args.topology)  # an unknown topology or no libtpu: one line, before anything
     m, t = cfg.model, cfg.train
     print(f"plan: {args.preset or 'the default model'} ({m.dtype}, scan_layers={m.scan_layers}, remat={m.remat}, "
           f"attention_impl={m.attention_impl}), batch {t.batch_size} x {cfg.data.seq_len}, "
           f"loss_chunk={t.loss_chunk}; compiling for {args.topology}"
           + (f" (set {' '.join(f'{k}={v}' for k, v in env.items())})" if env else ""), flush=True)
-    p = plan.plan(cfg, args.topology)
+    p = plan.plan(cfg, args.topology, devices)
     peak = t.peak_tflops or (PEAK_TFLOPS.get(p.device_kind, {}).get(m.dtype) if p.per == "chip" else None)
     print(plan.report(p, peak))
     return 1 if p.fits is False else 0
