@@ -21,6 +21,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from lecture3.config import TrainConfig, fields_of_kind
 from lecture3.errors import Lecture3Error
 from lecture3.grid import config_diff
 
@@ -45,7 +46,8 @@ def write_json_atomic(path: Path, obj) -> None:
 # train fields that change what is logged, kept or sampled, never the updates or the order of the data
 RESUME_SAFE_TRAIN_FIELDS = frozenset({
     "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "peak_tflops",
-    "sample_tokens", "progress", "on_nonfinite", "allow_config_change", "log_per_layer"})
+    "sample_tokens", "progress", "on_nonfinite", "allow_config_change", "log_per_layer",
+    *fields_of_kind(TrainConfig, "implementation")})  # same maths however it is computed (train.loss_chunk)
 
 
 def check_resumable(workdir: Path, config: dict) -> None:

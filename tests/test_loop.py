@@ -91,6 +91,7 @@ def test_resume_refuses_schedule_and_data_order_changes_unless_asked(tmp_path):
     # what only changes logging, evaluation, saving or the end-of-run sample resumes freely
     resume(log_every=2, eval_every=2, eval_batches=2, checkpoint_every=2, keep_checkpoints=1, peak_tflops=10.0,
            sample_tokens=0, progress=True, on_nonfinite="skip")
+    resume(loss_chunk=8)  # an implementation field: the same maths computed another way
     resume(lr=1e-3, steps=60, allow_config_change=True)
     with pytest.raises(CheckpointError, match="model.d_model"):  # the flag never allows another model
         check_resumable(wd, dataclasses.replace(
