@@ -208,7 +208,8 @@ def test_an_added_field_at_its_original_value_leaves_the_key_alone():
     run = spec.RunSpec(protocol.config(protocol.model_s(), lr=1e-3, seed=0), tags={})
     d = run.config.to_dict()
     assert spec.key_config(run.config) == {**d, "model": {k: v for k, v in d["model"].items()
-                                                          if k not in ("attention_impl", "attention_chunk")}}
+                                                          if k not in ("attention_impl", "attention_chunk")},
+                                           "train": {k: v for k, v in d["train"].items() if k != "loss_chunk"}}
     chunked = spec.RunSpec(run.config.replace(**{"model.attention_impl": "chunked"}), tags={})
     assert chunked.key != run.key and "attention_impl" in spec.key_config(chunked.config)["model"]
 
