@@ -122,13 +122,13 @@ def run_generate(args: argparse.Namespace) -> int:
     cfg, params, tokenizer = _load(args)  # bad input raises a Lecture3Error: `lecture3` prints one line
     prompts = _prompts(args, tokenizer)
     seed = sampling_seed(args.seed)
-    if args.temperature > 0:
-        print(f"[seed {seed}: --seed {seed} repeats this sample]", file=sys.stderr)
     start = time.perf_counter()
     res = generate(cfg, params, prompts, args.max_new_tokens, rng=jax.random.key(seed),
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    stop_tokens=tuple(args.stop_token), return_logprobs=True,
                    allow_past_max_seq_len=args.allow_long, progress=True)
+    if args.temperature > 0:  # after generate's checks: a bad flag stays a one-line error
+        print(f"[seed {seed}: --seed {seed} repeats this sample]", file=sys.stderr)
     seconds = time.perf_counter() - start
     generated = res.generated.tolist()
     for row, prompt in enumerate(prompts):
