@@ -70,9 +70,13 @@ def batch_documents(cfg: DataConfig, corpus, tokenizer, batch_size: int = 16, n_
     it = iter(train_rows(cfg, corpus, tokenizer, batch_size))
     counts = []
     for _ in range(n_batches):
-        spans = next(it)["documents"]
-        counts.append(len({d for first, last in spans for d in range(int(first), int(last) + 1)}))
+        counts.append(len(_documents(next(it)["documents"])))
     return sum(counts) / len(counts)
+
+
+def _documents(spans) -> set[int]:
+    """The documents rows touch, from each row's (first, last) document."""
+    return {d for first, last in spans for d in range(int(first), int(last) + 1)}
 
 
 def validation_coverage(cfg: DataConfig, corpus, tokenizer) -> dict[str, Any]:
@@ -80,7 +84,7 @@ def validation_coverage(cfg: DataConfig, corpus, tokenizer) -> dict[str, Any]:
     the documents it touches against those longer than one row."""
     packed = validation_packing(cfg, corpus, tokenizer)
     picked = packing.validation_indices(packed, cfg.val_sequences)
-    touched = {d for i in picked for d in range(packed.span(int(i))[0], packed.span(int(i))[1] + 1)}
+    touched = _documents(packed.span(int(i)) for i in picked)
     sizes = packed.offsets[1:] - packed.offsets[:-1] + 1  # with the <eod>
     long = set(np.flatnonzero(sizes > packed.row_len).tolist())
     return {"rows": len(picked), "token_share": len(picked) * packed.row_len / max(packed.length, 1),
