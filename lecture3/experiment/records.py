@@ -31,16 +31,8 @@ class RecordError(Lecture3Error):
     """A record or results folder that cannot be read or written as asked."""
 
 
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.rstrip() if out.returncode == 0 else None
-
-
 def commit() -> str | None:
-    return _git("rev-parse", "HEAD")
+    return git(REPO, "rev-parse", "HEAD")
 
 
 BUILD_STAMP = Path(__file__).resolve().parents[1] / "_build.json"  # written into a wheel by setup.py
@@ -105,7 +97,7 @@ def claim_source(path: Path, in_package: bool = False) -> dict:
 
 def uncommitted(paths=("lecture3", "experiments")) -> list[str]:
     """Changed or untracked code files under `paths` (results and reports do not count)."""
-    out = _git("status", "--porcelain", "--untracked-files=all", "--", *paths)
+    out = git(REPO, "status", "--porcelain", "--untracked-files=all", "--", *paths)
     if out is None:
         return []
     files = [line[3:] for line in out.splitlines() if line.strip()]
