@@ -24,6 +24,9 @@ HAS_IMPL = True  # ModelConfig.attention_impl exists (tests/test_model.py checks
 
 
 def _load(name: str):
+    """benchmarks/<name>.py as a module, with benchmarks/ on sys.path (where a script finds its siblings)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.append(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # a dataclass in the script looks its module up there
@@ -125,7 +128,7 @@ def test_train_step_vs_torch_llama_is_transformers_model_on_the_same_weights(tmp
     """--model llama: transformers' LlamaForCausalLM, loaded from the folder lecture3.hf.save_pretrained
     wrote from the lecture3 init, gives lecture3's loss at init and over 3 AdamW steps."""
     pytest.importorskip("torch")
-    bench = _load("train_step_vs_torch")
+    bench = _load("torch_reference")
     cfg = bench.bench_config("llama").model
     assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size) == (256, 4, 8, 2, 8192)
     folder = str(tmp_path / "hf")
@@ -136,48 +139,60 @@ def test_train_step_vs_torch_llama_is_transformers_model_on_the_same_weights(tmp
     assert losses[-1] < init  # it trains
 
 
-def test_train_step_vs_torch_refuses_a_hand_written_forward_on_llama():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step_vs_torch.py"), "--model", "llama",
-                           "--variants", "jax,torch,jax_flat"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert "['jax_flat'] are hand-written forwards of the default model; drop them with --model llama" in proc.stderr
-
-
-def test_train_step_vs_torch_variants_do_what_they_say(monkeypatch):
-    """jax_dp2 splits the batch over a data mesh of 2 host devices; jax_plain_* replace the custom derivatives
-    by autodiff of the same forward; jax (what lecture3 runs on one CPU device) takes the batch in two halves,
-    jax_one_pass in one. Each still trains the same model: the first losses equal jax's. On one core (a
-    pinned worker, `taskset -c 0`) lecture3 takes one pass too: there is no second core to run a half on."""
+def test_train_step_vs_torch_variants_do_what_they_say():
+    """jax_dp2 splits the batch over a data mesh of 2 host devices; jax (what lecture3 runs on one CPU device)
+    takes the batch in two halves, jax_one_pass in one; jax_lean reports the loss only; jax_bf16, jax_scan and
+    jax_remat_full set up the model their config field names. Each still trains the same model: the first
+    losses equal jax's. On one core (a pinned worker, `taskset -c 0`) lecture3 takes one pass too: there is no
+    second core to run a half on."""
     from lecture3 import runtime
-    from lecture3.layers import attention_ops, positions
 
-    bench = _load("train_step_vs_torch")
+    bench = _load("step_variants")
     ref_step, ref_state, batch, (m, tc, _, ref_mesh, _) = bench.jax_setup(bench.VARIANTS["jax"])
     assert bench.batch_splits(bench.VARIANTS["jax"], m, tc, ref_mesh) == (2 if runtime.cpu_cores() >= 2 else 1)
     assert bench.batch_splits(bench.VARIANTS["jax_one_pass"], m, tc, ref_mesh) == 1
-    ref = [float(ref_step(ref_state, batch)[1]["loss"])]
-    custom = (attention_ops.softmax_given_max, positions._rotate)
-    for name in ("jax_dp2", "jax_plain_softmax", "jax_plain_rope", "jax_one_pass"):
-        monkeypatch.setattr(attention_ops, "softmax_given_max", custom[0])  # restored after the test
-        monkeypatch.setattr(positions, "_rotate", custom[1])
+    _, ref_metrics = ref_step(ref_state, batch)
+    assert "loss" in ref_metrics and len(ref_metrics) > 1
+    for name in ("jax_dp2", "jax_one_pass", "jax_lean"):
         step, state, batch, (*_, mesh, _rules) = bench.jax_setup(bench.VARIANTS[name])
         assert mesh.shape["data"] == (2 if name == "jax_dp2" else 1), name
-        assert (attention_ops.softmax_given_max is custom[0]) == (name != "jax_plain_softmax"), name
-        assert (positions._rotate is custom[1]) == (name != "jax_plain_rope"), name
         state, metrics = step(state, batch)
         if name == "jax_dp2":
             assert len(state.params["embed"].sharding.device_set) == 2
-        assert abs(float(metrics["loss"]) - ref[0]) < 1e-5, name
+        assert (set(metrics) == {"loss"}) == (name == "jax_lean"), name
+        assert abs(float(metrics["loss"]) - float(ref_metrics["loss"])) < 1e-5, name
+    default = bench.bench_config("default").model
+    for name in ("jax_bf16", "jax_scan", "jax_remat_full"):  # set up, not run: the model is another config
+        changed = bench.VARIANTS[name].model
+        m = bench.jax_setup(bench.VARIANTS[name])[3][0]
+        assert {k: getattr(m, k) for k in changed} == changed, name
+        assert {k: getattr(default, k) for k in changed} != changed, name
 
 
-@pytest.mark.parametrize("name,call", [("jax", {"keep_memory": True}), ("jax_glibc_malloc", {"keep_memory": False}),
-                                       ("jax_xla_defaults", None)])
-def test_train_step_vs_torch_workers_apply_the_runtime_their_variant_names(name, call, monkeypatch):
+def test_train_step_vs_torch_worker_env_carries_the_variants_xla_flags():
+    """Each variant's XLA flags (and its host device count) reach its worker's XLA_FLAGS, after the ones
+    already set; a variant without flags leaves XLA_FLAGS as it was."""
+    variants, workers = _load("step_variants"), _load("step_workers")
+    for name, v in variants.VARIANTS.items():
+        flags = workers.worker_env(name, {"XLA_FLAGS": "--before"})["XLA_FLAGS"].split()
+        devices = [f"--xla_force_host_platform_device_count={v.devices}"] if v.devices > 1 else []
+        assert flags == ["--before", *v.xla_flags.split(), *devices], name
+    assert workers.worker_env("jax_onednn", {})["XLA_FLAGS"] == "--xla_cpu_use_onednn=true"
+    assert "XLA_FLAGS" not in workers.worker_env("jax", {})
+
+
+@pytest.mark.parametrize("name,call,precision", [("jax", {"keep_memory": True}, None),
+                                                 ("jax_glibc_malloc", {"keep_memory": False}, None),
+                                                 ("jax_xla_defaults", None, None),
+                                                 ("jax_prec_highest", {"keep_memory": True}, "highest")])
+def test_train_step_vs_torch_workers_apply_the_settings_their_variant_names(name, call, precision, monkeypatch):
     from lecture3 import runtime
 
-    bench = _load("train_step_vs_torch")
-    calls = []
+    bench = _load("step_variants")
+    calls, updates = [], []
     monkeypatch.setattr(runtime, "cpu_defaults", lambda **kw: calls.append(kw) or {"xla_flags": True})
-    applied = bench.apply_runtime(bench.VARIANTS[name])
+    monkeypatch.setattr(jax.config, "update", lambda key, value: updates.append((key, value)))
+    applied = bench.apply_settings(bench.VARIANTS[name])
     assert calls == ([] if call is None else [call])
     assert applied == ({} if call is None else {"xla_flags": True})
+    assert updates == ([] if precision is None else [("jax_default_matmul_precision", precision)])

@@ -28,15 +28,15 @@ NOT_RUN = {"python -m pytest -q -n 2": "it is this test suite",
 SLOW = ("lecture3 train", "benchmarks/", "--workdir runs/default", "lecture3.train(")
 # command as the README writes it -> flags appended when the test runs it (the last of a flag wins).
 # The quick start trains the default run, 600 steps, minutes on 2 cores; 20 steps still warm up, evaluate
-# and checkpoint twice, and sample. The train-step benchmark starts a worker per variant (17, each
-# compiling); the test runs one of each kind: each step function (lecture3, lean, the hand-written
-# forward with its custom VJP; torch math, sdpa), torch threads, and one without lecture3's CPU settings
+# and checkpoint twice, and sample. The train-step benchmark starts a worker per variant (14, each
+# compiling); the test runs one of each kind: each step function (lecture3, lean; torch math, sdpa),
+# torch threads, and one without lecture3's CPU settings
 # (no XLA flag, glibc's malloc, one pass). (A model change, scan or
 # bf16, is the same worker with another ModelConfig; tests/test_model.py checks those configs.)
 QUICK = {
     "lecture3 train": "--train.steps 20 --train.warmup-steps 2 --train.eval-every 10 --train.checkpoint-every 10",
     "python benchmarks/train_step_vs_torch.py --quick":
-        "--variants jax,torch,torch_1t,torch_sdpa,jax_xla_defaults,jax_lean,jax_flat_vjp",
+        "--variants jax,torch,torch_1t,torch_sdpa,jax_xla_defaults,jax_lean",
     "python benchmarks/decode_kv_cache.py --vs-hf": "--quick --rounds 1",
 }
 
