@@ -12,7 +12,7 @@ device's dense peak in the compute dtype. FLOPs per token come from `lecture3.ac
 6 x (the matmul weights: q/k/v/o, MLP and the D x V head; the embedding gather is free) plus attention
 3 x 4 x N x H x T per layer, every query charged all T keys (PaLM's 6N + 12 L H Q T, what `lecture3 train`
 logs as `mfu`); `MFU causal` charges only the visible keys, about half the attention FLOPs. The peak comes
-from `lecture3.loop.PEAK_TFLOPS` keyed by `device_kind` (H100 SXM / H200 989, A100 312, L4 121 TFLOP/s
+from `lecture3.meter.PEAK_TFLOPS` keyed by `device_kind` (H100 SXM / H200 989, A100 312, L4 121 TFLOP/s
 bf16, ...); an unknown accelerator or a CPU has no published peak and prints MFU n/a unless
 `--peak-tflops` is given.
 
@@ -67,18 +67,18 @@ def peak_flops(dtype: str, configured_tflops: float | None) -> tuple[float | Non
     """(peak FLOP/s of device 0 in `dtype`, where it comes from); None on a CPU or an unknown device."""
     import jax
 
-    from lecture3 import loop
+    from lecture3 import meter
 
     dev = jax.devices()[0]
     if configured_tflops is not None:
         return configured_tflops * 1e12, f"--peak-tflops {configured_tflops:g}"
-    if dev.platform == "cpu":  # loop.peak_flops_per_device would time a matmul: not a published peak
+    if dev.platform == "cpu":  # meter.peak_flops_per_device would time a matmul: not a published peak
         return None, "n/a: a CPU has no published dense peak (pass --peak-tflops N to get an MFU)"
-    peak = loop.peak_flops_per_device(None, dtype, dev)
+    peak = meter.peak_flops_per_device(None, dtype, dev)
     if peak is None:
-        return None, (f"n/a: {dev.device_kind!r} has no {dtype} entry in lecture3.loop.PEAK_TFLOPS "
+        return None, (f"n/a: {dev.device_kind!r} has no {dtype} entry in lecture3.meter.PEAK_TFLOPS "
                       "(pass --peak-tflops N, its dense peak, to get an MFU)")
-    return peak, f"{peak / 1e12:.1f} TFLOP/s dense {dtype} ({dev.device_kind}, lecture3.loop.PEAK_TFLOPS)"
+    return peak, f"{peak / 1e12:.1f} TFLOP/s dense {dtype} ({dev.device_kind}, lecture3.meter.PEAK_TFLOPS)"
 
 
 def synthetic_batches(vocab: int, batch: int, seq_len: int, n: int = 4) -> list[dict[str, np.ndarray]]:

@@ -105,7 +105,7 @@ def kv_cache(config, context: int = KV_CONTEXT, chunk: int = KV_CHUNK, quick: bo
 
     @jax.jit
     def step(params, cache, toks, idx):
-        _, cache = Transformer(mcfg).apply({"params": params}, toks, positions=idx, cache=cache, q_idx=idx)
+        cache = Transformer(mcfg).apply({"params": params}, toks, positions=idx, cache=cache, q_idx=idx).cache
         return cache
 
     cache = init_cache(mcfg, 1, context)

@@ -9,7 +9,7 @@
     from lecture3 import ModelConfig, Transformer, presets, hf, accounting
     cfg = presets.get("llama3", size="tiny")
     params = lecture3.init_params(cfg, 0)
-    logits = Transformer(cfg).apply({"params": params}, tokens)   # int32[B, T] -> float32[B, T, V]
+    logits = Transformer(cfg).apply({"params": params}, tokens).logits  # int32[B, T] -> float32[B, T, V]
     out = Transformer(cfg).apply({"params": params}, tokens, capture=("attn_probs", "resid_rms"))
 """
 

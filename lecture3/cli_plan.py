@@ -44,7 +44,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     if not runtime.backend_started():  # the model is only traced here: no accelerator of this machine is needed
         jax.config.update("jax_platforms", "cpu")
     from lecture3 import plan
-    from lecture3.loop import PEAK_TFLOPS
+    from lecture3.meter import PEAK_TFLOPS
 
     devices = plan.topology_devices(args.topology)  # an unknown topology or no libtpu: one line, before anything
     m, t = cfg.model, cfg.train

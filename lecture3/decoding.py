@@ -91,10 +91,10 @@ def _prefill(cfg: ModelConfig, params, tokens: jax.Array, lengths: jax.Array, le
     if t > 1:
         stream = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         q_idx = jnp.where(stream < last, stream, -1)  # the last token and padding: -1, never attended nor stored
-        _, cache = model.apply({"params": params}, tokens, positions=stream, cache=cache, q_idx=q_idx)
+        cache = model.apply({"params": params}, tokens, positions=stream, cache=cache, q_idx=q_idx).cache
     token = jnp.take_along_axis(tokens, last, axis=1)  # [B, 1]
-    logits, cache = model.apply({"params": params}, token, positions=last, cache=cache, q_idx=last)
-    return cache, logits[:, 0]
+    out = model.apply({"params": params}, token, positions=last, cache=cache, q_idx=last)
+    return out.cache, out.logits[:, 0]
 
 
 @flax.struct.dataclass
@@ -154,9 +154,8 @@ def _decode_steps(cfg: ModelConfig, params, cache, logits: jax.Array, lengths: j
         TRACES["decode_step"] += 1
         token, s = choose(s)
         q_idx = (lengths + start + s["i"])[:, None]  # [B, 1]: each row continues its own prompt
-        logits, cache = model.apply({"params": params}, token[:, None], positions=q_idx, cache=s["cache"],
-                                    q_idx=q_idx)
-        return {**s, "i": s["i"] + 1, "cache": cache, "logits": logits[:, 0]}
+        out = model.apply({"params": params}, token[:, None], positions=q_idx, cache=s["cache"], q_idx=q_idx)
+        return {**s, "i": s["i"] + 1, "cache": out.cache, "logits": out.logits[:, 0]}
 
     fed = steps if feed_last else steps - 1
     state = jax.lax.while_loop(lambda s: (s["i"] < fed) & ~jnp.all(s["done"]), step, state)

@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import json
 import logging
 import math
 import os
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lecture3 import data as dataio
-from lecture3 import diagnostics, sharding, steps
+from lecture3 import meter, sharding, steps, training
 from lecture3.checkpoint import Checkpointer, CheckpointError, check_resumable, record_config, write_text_atomic
 from lecture3.config import Config, ModelConfig
 from lecture3.errors import Lecture3Error
@@ -35,61 +32,6 @@ class TrainingError(Lecture3Error, RuntimeError):
     def __init__(self, message: str, step: int | None = None):
         super().__init__(message)
         self.step = step
-
-
-def _gpu(bf16: float, tf32: float) -> dict[str, float]:
-    return {"bfloat16": bf16, "float16": bf16, "float32": tf32}
-
-
-def _tpu(bf16: float) -> dict[str, float]:
-    return {"bfloat16": bf16, "float32": bf16}
-
-
-# Dense (no sparsity) peak TFLOP/s per device, keyed by the exact `device_kind` jax reports, per compute
-# dtype. GPU float32 matmuls run as TF32 at JAX's default precision, so float32 gets the TF32 peak; TPU
-# float32 matmuls run as bf16 passes at the default precision, so it gets the bf16 peak. A dtype a
-# device has no fast path for (bf16 on V100, f16 on TPU) is absent: no MFU rather than a wrong one.
-PEAK_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": _gpu(989.0, 494.5), "NVIDIA H100 PCIe": _gpu(756.0, 378.0),
-    "NVIDIA H100 NVL": _gpu(835.0, 417.5), "NVIDIA H200": _gpu(989.0, 494.5),
-    "NVIDIA H200 NVL": _gpu(835.0, 417.5), "NVIDIA GH200 480GB": _gpu(989.0, 494.5),
-    "NVIDIA A100-SXM4-40GB": _gpu(312.0, 156.0), "NVIDIA A100-SXM4-80GB": _gpu(312.0, 156.0),
-    "NVIDIA A100-PCIE-40GB": _gpu(312.0, 156.0), "NVIDIA A100 80GB PCIe": _gpu(312.0, 156.0),
-    "NVIDIA L40S": _gpu(362.0, 183.0), "NVIDIA L4": _gpu(121.0, 60.0), "NVIDIA A10": _gpu(125.0, 62.5),
-    "Tesla V100-SXM2-16GB": {"float16": 125.0, "float32": 15.7},
-    "Tesla V100-SXM2-32GB": {"float16": 125.0, "float32": 15.7},
-    "TPU v4": _tpu(275.0), "TPU v5 lite": _tpu(197.0), "TPU v5e": _tpu(197.0), "TPU v5": _tpu(459.0),
-    "TPU v5p": _tpu(459.0), "TPU v6 lite": _tpu(918.0), "TPU v6e": _tpu(918.0),
-}
-
-
-def _normal(kind: str) -> str:
-    return " ".join(kind.lower().split())
-
-
-def peak_flops_per_device(configured_tflops: float | None, dtype: str = "float32",
-                          device: jax.Device | None = None) -> float | None:
-    """Peak FLOP/s of one device in `dtype`: the configured value, the table's entry for this exact
-    device kind, a timed matmul on a CPU, or None (unknown accelerator: no MFU, never a guess)."""
-    if configured_tflops is not None:
-        return configured_tflops * 1e12
-    device = jax.devices()[0] if device is None else device
-    table = {_normal(k): v for k, v in PEAK_TFLOPS.items()}
-    tflops = table.get(_normal(device.device_kind), {}).get(dtype)
-    if tflops is not None:
-        return tflops * 1e12
-    if device.platform != "cpu":
-        return None  # a timed matmul on an accelerator measures the benchmark, not the chip
-    # CPU: measure a matmul in the compute dtype, shared by the host's devices
-    n = 512
-    x = jax.device_put(jnp.ones((n, n), dtype), device)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    t0, reps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 0.3:
-        f(x).block_until_ready()
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / max(1, len(jax.local_devices()))
 
 
 def init_distributed(cfg: Config) -> None:
@@ -187,15 +129,34 @@ def check_inputs(cfg: Config, workdir: str | os.PathLike) -> None:
     sharding.check_batch(sharding.make_mesh(cfg.mesh), cfg.train.batch_size)
 
 
-def _check_finite(finite, step: int, ckpt: Checkpointer | None) -> None:
-    """With on_nonfinite="stop": raise if the step that returned `finite` was not finite (a host sync)."""
-    if bool(finite):
-        return
+class _FiniteGuard:
+    """With on_nonfinite="stop": a step's `finite` flag is read (a host sync) once the next step is queued, so
+    loading overlaps compute, or at once when the step is needed now (it is logged, saved, or the first)."""
+
+    def __init__(self, on: bool, ckpt: Checkpointer | None):
+        self.on, self.ckpt, self.pending = on, ckpt, None
+
+    def after_step(self, finite, done: int, needed: bool) -> None:
+        self.flush()
+        if self.on:
+            self.pending = (finite, done)
+        if needed:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            finite, step = self.pending
+            self.pending = None
+            if not bool(finite):
+                raise _nonfinite_error(step, self.ckpt)
+
+
+def _nonfinite_error(step: int, ckpt: Checkpointer | None) -> TrainingError:
     if ckpt is None:
-        raise TrainingError(f"non-finite loss at step {step}; the state was not updated. Lower the lr, add "
-                            "z-loss (train.z_loss=1e-4), or set train.on_nonfinite='skip'", step=step)
+        return TrainingError(f"non-finite loss at step {step}; the state was not updated. Lower the lr, add "
+                             "z-loss (train.z_loss=1e-4), or set train.on_nonfinite='skip'", step=step)
     last = ckpt.manager.latest_step()
-    raise TrainingError(
+    return TrainingError(
         f"non-finite loss at step {step}; the state was not updated and the last good checkpoint "
         f"({'none yet' if last is None else f'step {last}'}) is intact. Lower --train.lr, add "
         f"--train.z-loss 1e-4, or pass --train.on-nonfinite skip", step=step)
@@ -245,30 +206,162 @@ class Run:
         return dict(self.history[-1]) if self.history else {}
 
 
-Batches = Iterable[Mapping[str, Any]]
+Batches = training.Batches
 Callback = Callable[[dict], Any]
 
 
-def _check_batch(raw, i: int, what: str) -> Mapping[str, Any]:
-    """`raw` itself if it is a batch (a mapping with `inputs` and `targets`), else a one-line DataError
-    naming the argument (`what`) and the batch's index."""
-    if not isinstance(raw, Mapping) or "inputs" not in raw or "targets" not in raw:
-        raise dataio.DataError(f"{what} batch {i} is not a mapping with 'inputs' and 'targets' (int[B, T]); "
-                               "optional keys: loss_mask, positions, segment_ids")
-    return raw
+@dataclasses.dataclass
+class _Source:
+    """A run's data: the batches this process trains on, the validation set, the tokenizer and the grain
+    iterator a checkpoint saves (None for the caller's own batches, which carry no position)."""
+
+    batches: Iterator[dict]
+    val: list[dict]
+    tokenizer: Any = None
+    iterator: Any = None
+
+    @property
+    def user(self) -> bool:
+        return self.iterator is None
 
 
-def _user_batches(data: Batches, tcfg, seq_len: int, what: str):
-    """The caller's batches as dicts of numpy arrays, checked against the config (before any compute)."""
-    for i, raw in enumerate(data):
-        batch = {k: np.asarray(v) for k, v in _check_batch(raw, i, what).items()}
-        shape = (tcfg.batch_size, seq_len)
-        if batch["inputs"].shape != shape or batch["targets"].shape != shape:
-            raise dataio.DataError(f"{what} batch {i} has inputs {batch['inputs'].shape} and targets "
-                                   f"{batch['targets'].shape}; the config asks for [train.batch_size, "
-                                   f"data.seq_len] = {list(shape)}")
-        batch.setdefault("loss_mask", np.ones(shape, np.float32))
-        yield batch
+def _open_source(cfg: Config, data: Batches | None, val_data: Batches | None, workdir: Path | None) -> _Source:
+    """Every check a run can make before it computes or writes anything, then its data."""
+    if workdir is not None:
+        check_inputs(cfg, workdir)
+    else:
+        init_distributed(cfg)
+        sharding.check_batch(sharding.make_mesh(cfg.mesh), cfg.train.batch_size)
+    pi, pc = jax.process_index(), jax.process_count()
+    tokenizer = None if data is not None else training.load_tokenizer(cfg, cfg.train.progress and pi == 0)
+    if workdir is not None:
+        check_resumable(workdir, cfg.to_dict())
+    if data is None:
+        iterator = dataio.make_train_iterator(cfg.data, cfg.train.batch_size, process_index=pi, process_count=pc)
+        source = _Source(iterator, training.validation_set(cfg), tokenizer, iterator)
+    else:
+        source = _Source(*training.user_data(cfg, data, val_data))
+    if workdir is not None:
+        check_workdir(workdir, pi)
+    return source
+
+
+@dataclasses.dataclass
+class _Program:
+    """The jitted train and eval steps of a config on its mesh, and how a batch reaches the mesh."""
+
+    step: Callable
+    eval: Callable
+    abstract: Any
+    shardings: Any
+    optimizer: Any
+    data_sharding: Any
+    mesh: Any
+    rules: Any
+
+    @classmethod
+    def build(cls, cfg: Config, loss_fn, optimizer) -> _Program:
+        mcfg, tcfg = cfg.model, cfg.train
+        mesh = sharding.make_mesh(cfg.mesh)
+        rules = sharding.axis_rules(mcfg, mesh, tcfg.batch_size)
+        optimizer = steps.make_optimizer(tcfg) if optimizer is None else optimizer
+        abstract, shardings = steps.state_shardings(mcfg, tcfg, mesh, rules, optimizer)
+        step = steps.make_train_step(mcfg, tcfg, loss_fn, optimizer, steps.batch_splits(mcfg, tcfg, mesh))
+        return cls(step=steps.jit_train_step(step, mesh, rules, shardings),
+                   eval=steps.jit_eval_step(steps.make_eval_step(mcfg), mesh, rules, shardings.params),
+                   abstract=abstract, shardings=shardings, optimizer=optimizer,
+                   data_sharding=sharding.batch_sharding(mesh, rules), mesh=mesh, rules=rules)
+
+    def put(self, batch: dict, whole: bool) -> dict:
+        """A batch as global arrays on the mesh: this process's rows of a `whole` (global) batch, or the
+        process's own rows as they are (the pipeline's batches)."""
+        pi, pc = jax.process_index(), jax.process_count()
+        return dataio.global_batch(_local_rows(batch, pi, pc) if whole else batch, self.data_sharding)
+
+    def evaluate(self, val: list[dict], params) -> dict:
+        """The validation record of `params` ({} without a validation set)."""
+        if not val:
+            return {}
+        return training.val_record(float(training.mean_loss([self.eval(params, self.put(b, True)) for b in val])))
+
+
+def _initial_state(cfg: Config, program: _Program, ckpt: Checkpointer | None, source: _Source, echo,
+                   workdir: Path | None):
+    """(state, first step): the latest checkpoint's, else a fresh init; the caller's batches already used
+    are skipped."""
+    restored = None if ckpt is None else ckpt.restore_latest(program.abstract, source.iterator)
+    if restored is None:
+        return steps.init_state(cfg.model, cfg.train, program.mesh, program.rules, program.optimizer,
+                                program.shardings), 0
+    state, start = restored
+    echo(f"resuming from step {start} in {workdir}")
+    if source.user:
+        for _ in range(start):
+            next(source.batches, None)
+    return state, start
+
+
+class _Sinks:
+    """Where process 0 writes the records: metrics.jsonl and TensorBoard (with a workdir) and the progress bar."""
+
+    def __init__(self, cfg: Config, workdir: Path | None, history: History, start: int):
+        self.writer = self.file = self.bar = None
+        if jax.process_index() != 0:
+            return
+        if workdir is not None:
+            self.writer = _tensorboard(workdir / "tb", history)
+            self.file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.bar = training.progress_bar(cfg.train, "train", start)
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(_json_line(record))
+            self.file.flush()
+            _add_scalars(self.writer, record)
+        if self.bar is not None:
+            shown = {"tok_s": f"{record['tokens_per_s']:.0f}"} if record["tokens_per_s"] else {}
+            shown.update({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {})
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}", **shown)
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+            self.writer.close()
+
+
+def _history(cfg: Config, workdir: Path | None, start: int) -> History:
+    """The records a resumed run keeps (process 0 with a workdir; config.json and its history written)."""
+    from lecture3 import runtime
+
+    history = History()
+    if jax.process_index() == 0 and workdir is not None:
+        record_config(workdir, cfg.to_dict(), start, runtime.environment(cfg))
+        history.extend(_truncate_metrics(workdir / "metrics.jsonl", start))
+    return history
+
+
+def _throughput(cfg: Config, echo) -> meter.Throughput:
+    from lecture3 import accounting
+
+    mcfg, tcfg = cfg.model, cfg.train
+    peak = meter.peak_flops_per_device(tcfg.peak_tflops, mcfg.dtype)
+    if peak is None and jax.process_index() == 0:
+        echo(f"note: no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind!r} in {mcfg.dtype} is not "
+             f"known; pass --train.peak-tflops N (its dense {mcfg.dtype} peak per device) to report it")
+    flops = accounting.flops_per_token(mcfg, cfg.data.seq_len)["training"]
+    return meter.Throughput(tcfg.batch_size * cfg.data.seq_len, flops, peak, jax.device_count())
+
+
+def _ask(callbacks: Sequence[Callback], record: dict, done: int) -> str | None:
+    """Each callback sees the record; why the first that returned a true value stops the run, else None."""
+    stops = [c for c in callbacks if c(dict(record))]
+    return f"stopped by {getattr(stops[0], '__name__', repr(stops[0]))} at step {done}" if stops else None
 
 
 def train(config: Config, *, data: Batches | None = None, workdir: str | os.PathLike | None = None,
@@ -287,177 +380,59 @@ def train(config: Config, *, data: Batches | None = None, workdir: str | os.Path
         run there (`Run.stopped` says which).
     progress: the progress bar (None: `config.train.progress`).
     """
-    from lecture3 import accounting, runtime
-    from lecture3.meter import LossMeter
-
-    tcfg0 = config.train
-    if progress is not None and progress != tcfg0.progress:
+    if progress is not None and progress != config.train.progress:
         config = config.replace(**{"train.progress": bool(progress)})
-    workdir = None if workdir is None else Path(workdir)
-    cfg = config
-    if workdir is not None:
-        check_inputs(cfg, workdir)
-    else:
-        init_distributed(cfg)
-        sharding.check_batch(sharding.make_mesh(cfg.mesh), cfg.train.batch_size)
-    pi, pc = jax.process_index(), jax.process_count()
-    mcfg, tcfg = cfg.model, cfg.train
-    tokenizer, iterator, val = None, None, []
-    if data is None:
-        tokenizer = dataio.load_tokenizer(cfg.data, progress=tcfg.progress and pi == 0)
-        if tokenizer.vocab_size > mcfg.vocab_size:
-            raise dataio.DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                                   f"{mcfg.vocab_size}; set --model.vocab-size {tokenizer.vocab_size}")
-    if workdir is not None:
-        check_resumable(workdir, cfg.to_dict())
-    if data is None:
-        iterator = dataio.make_train_iterator(cfg.data, tcfg.batch_size, process_index=pi, process_count=pc)
-        val = dataio.validation_batches(cfg.data, tcfg.batch_size)[: tcfg.eval_batches]
-        batches = iterator
-    else:
-        batches = _user_batches(data, tcfg, cfg.data.seq_len, "data")
-        first = next(batches, None)  # the first batch is checked here, before any compute
-        if first is None:
-            raise dataio.DataError("data holds no batch: pass an iterable of batches (or data=None for config.data)")
-        batches = itertools.chain([first], batches)
-        val = [] if val_data is None else list(_user_batches(val_data, tcfg, cfg.data.seq_len, "val_data"))
-    if workdir is not None:
-        check_workdir(workdir, pi)
-
-    mesh = sharding.make_mesh(cfg.mesh)
-    rules = sharding.axis_rules(mcfg, mesh, tcfg.batch_size)
-    optimizer = steps.make_optimizer(tcfg) if optimizer is None else optimizer
-    abstract, shardings = steps.state_shardings(mcfg, tcfg, mesh, rules, optimizer)
-    splits = steps.batch_splits(mcfg, tcfg, mesh)
-    step_fn = steps.jit_train_step(steps.make_train_step(mcfg, tcfg, loss_fn, optimizer, splits), mesh, rules,
-                                   shardings)
-    eval_fn = steps.jit_eval_step(steps.make_eval_step(mcfg), mesh, rules, shardings.params)
-    data_sharding = sharding.batch_sharding(mesh, rules)
-
+    cfg, tcfg, workdir = config, config.train, None if workdir is None else Path(workdir)
+    source = _open_source(cfg, data, val_data, workdir)
+    program = _Program.build(cfg, loss_fn, optimizer)
     ckpt = Checkpointer(workdir, tcfg.keep_checkpoints) if workdir is not None else None
-    restored = None if ckpt is None else ckpt.restore_latest(abstract, iterator)
-    if restored is None:
-        state, start = steps.init_state(mcfg, tcfg, mesh, rules, optimizer, shardings), 0
-    else:
-        state, start = restored
-        echo(f"resuming from step {start} in {workdir}")
-        if data is not None:  # the caller's batches carry no position: skip the ones already used
-            for _ in range(start):
-                next(batches, None)
-    history = History()
-    if pi == 0 and workdir is not None:
-        record_config(workdir, cfg.to_dict(), start, runtime.environment(cfg))
-        history.extend(_truncate_metrics(workdir / "metrics.jsonl", start))
-
-    flops_per_token = accounting.flops_per_token(mcfg, cfg.data.seq_len)["training"]
-    peak = peak_flops_per_device(tcfg.peak_tflops, mcfg.dtype)
-    if peak is None and pi == 0:
-        echo(f"note: no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind!r} in {mcfg.dtype} is not "
-             f"known; pass --train.peak-tflops N (its dense {mcfg.dtype} peak per device) to report it")
-    tokens_per_step = tcfg.batch_size * cfg.data.seq_len
-
-    def evaluate_state(params) -> dict:
-        if not val:
-            return {}
-        sums = [eval_fn(params, dataio.global_batch(_local_rows(b, pi, pc), data_sharding)) for b in val]
-        loss = float(sum(s["loss_sum"] for s in sums) / sum(s["tokens"] for s in sums))
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
-
-    writer, metrics_file, bar = None, None, None
-    if pi == 0:
-        if workdir is not None:
-            writer = _tensorboard(workdir / "tb", history)
-            metrics_file = open(workdir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
-        if tcfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=tcfg.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-    stop = tcfg.on_nonfinite == "stop"
-    stopped = None
-    # tokens/s counts the steps between two log steps, without the first (compiling) step of this
-    # process, evaluation, or checkpoint saves
-    t_last, tokens_since = None, 0
-    pending = None  # (finite flag, step) checked once the next step is queued, so loading overlaps compute
-    done = start
-    meter = LossMeter()  # the logged loss (and its terms): the mean over the steps since the last log
+    state, start = _initial_state(cfg, program, ckpt, source, echo, workdir)
+    history = _history(cfg, workdir, start)
+    clock, loss_meter = _throughput(cfg, echo), meter.LossMeter()
+    guard, sinks = _FiniteGuard(tcfg.on_nonfinite == "stop", ckpt), _Sinks(cfg, workdir, history, start)
+    stopped, done = None, start
     try:
         for step in range(start, tcfg.steps):
-            local = next(batches, None)
+            local = next(source.batches, None)
             if local is None:
                 stopped = f"the data ran out after {step} steps"
                 break
-            batch = dataio.global_batch(_local_rows(local, pi, pc) if data is not None else local, data_sharding)
-            state, metrics = step_fn(state, batch)
-            meter.add(metrics)
-            done = step + 1
-            if pending is not None:
-                _check_finite(*pending, ckpt)
-                pending = None
-            if stop:
-                pending = (metrics["finite"], done)
-            log_now = done % tcfg.log_every == 0 or done == tcfg.steps
-            eval_now = done % tcfg.eval_every == 0 or done == tcfg.steps
-            save_now = ckpt is not None and (done % tcfg.checkpoint_every == 0 or done == tcfg.steps)
-            if pending is not None and (t_last is None or log_now or eval_now or save_now or callbacks):
-                _check_finite(*pending, ckpt)  # this step is needed now anyway: nothing is logged or saved past it
-                pending = None
-            if t_last is None:
-                jax.block_until_ready(metrics)
-                t_last = time.perf_counter()
-            else:
-                tokens_since += tokens_per_step
-            if log_now or eval_now:
-                values = meter.take(jax.device_get(metrics))
-                elapsed = time.perf_counter() - t_last
-                record = {"step": done, **{k: float(v) for k, v in diagnostics.flatten_layers(values).items()}}
-                record["tokens_per_s"] = tokens_since / elapsed if tokens_since else None
-                record["mfu"] = (record["tokens_per_s"] * flops_per_token / (peak * jax.device_count())
-                                 if tokens_since and peak is not None else None)
-                if eval_now:
-                    record.update(evaluate_state(state.params))
-                for callback in callbacks:
-                    if callback(dict(record)) and not stopped:
-                        stopped = f"stopped by {getattr(callback, '__name__', repr(callback))} at step {done}"
-                if stopped and not eval_now:  # a run a callback stops ends evaluated, like any other
-                    record.update(evaluate_state(state.params))
+            state, metrics = program.step(state, program.put(local, source.user))
+            loss_meter.add(metrics)
+            done, now = step + 1, training.due(tcfg, step + 1, ckpt is not None)
+            guard.after_step(metrics["finite"], done, not clock.started or now.log or now.eval or now.save
+                             or bool(callbacks))
+            clock.step(metrics)
+            if now.log or now.eval:  # log (and evaluate)
+                record = training.log_record(done, loss_meter.take(jax.device_get(metrics)), *clock.rates())
+                if now.eval:
+                    record.update(program.evaluate(source.val, state.params))
+                stopped = _ask(callbacks, record, done)
+                if stopped and not now.eval:  # a run a callback stops ends evaluated, like any other
+                    record.update(program.evaluate(source.val, state.params))
                 history.append(record)
-                if pi == 0:
-                    if metrics_file is not None:
-                        metrics_file.write(_json_line(record))
-                        metrics_file.flush()
-                        _add_scalars(writer, record)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", **(
-                            {"tok_s": f"{record['tokens_per_s']:.0f}"} if tokens_since else {}),
-                            **({"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-                t_last, tokens_since = time.perf_counter(), 0
-            if bar is not None:
-                bar.update(1)
-            if save_now or (stopped and ckpt is not None):
-                t_save = time.perf_counter()
-                ckpt.save(done, state, iterator)
-                t_last += time.perf_counter() - t_save
+                sinks.write(record)
+                clock.restart()
+            sinks.advance()
+            if now.save or (stopped and ckpt is not None):  # save
+                with clock.paused():
+                    ckpt.save(done, state, source.iterator)
             if stopped:
                 break
-        if pending is not None:
-            _check_finite(*pending, ckpt)
+        guard.flush()
     finally:
         if ckpt is not None:
             ckpt.wait()
-        if pi == 0:
-            if bar is not None:
-                bar.close()
-            if metrics_file is not None:
-                metrics_file.close()
-                writer.close()
+        sinks.close()
     if start >= tcfg.steps:
         echo(f"{workdir} already holds step {start} of {tcfg.steps}; nothing to train")
-        history.append({"step": start, **evaluate_state(state.params)})
-    if pi == 0 and workdir is not None:
+        history.append({"step": start, **program.evaluate(source.val, state.params)})
+    if jax.process_index() == 0 and workdir is not None:
         echo(f"wrote {workdir}/: metrics.jsonl, tb/ (tensorboard --logdir {workdir / 'tb'}), checkpoints/ "
              f"(latest step {ckpt.manager.latest_step()}), config.json and config-history.jsonl")
     return Run(config=cfg, history=history, state=state, params=state.params, workdir=workdir,
-               tokenizer=tokenizer, unigram_entropy=unigram_entropy(val) if val else None, stopped=stopped)
+               tokenizer=source.tokenizer, stopped=stopped,
+               unigram_entropy=training.unigram_entropy(source.val) if source.val else None)
 
 
 def run(cfg: Config, workdir: str | os.PathLike, *, loss_fn=None, echo=print) -> dict:
@@ -485,7 +460,7 @@ def evaluate(cfg: Config | ModelConfig, params, data: Batches) -> dict:
     eval_fn = _jitted_eval(mcfg)
     loss_sum, tokens = 0.0, 0.0
     for i, raw in enumerate(data):
-        out = eval_fn(params, {k: jnp.asarray(v) for k, v in _check_batch(raw, i, "evaluate: data").items()})
+        out = eval_fn(params, {k: jnp.asarray(v) for k, v in training.check_batch(raw, i, "evaluate: data").items()})
         loss_sum, tokens = loss_sum + float(out["loss_sum"]), tokens + float(out["tokens"])
     if tokens == 0:
         raise dataio.DataError("evaluate: the data held no target token (empty, or every loss_mask is 0)")
@@ -514,11 +489,3 @@ def load_run(workdir: str | os.PathLike) -> Run:
                 continue  # a last line that a kill cut in half
     _, params, tokenizer = load_for_inference(workdir)
     return Run(config=cfg, history=history, params=params, workdir=workdir, tokenizer=tokenizer)
-
-
-def unigram_entropy(batches: list[dict]) -> float:
-    """Entropy (nats) of the validation tokens' own frequencies: the best loss any unigram model gets there."""
-    targets = np.concatenate([b["targets"][b["loss_mask"] > 0] for b in batches])
-    p = np.bincount(targets) / len(targets)
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())

@@ -1,6 +1,6 @@
 """The Transformer: embed -> (+ absolute positions) -> layers -> final norm -> head -> soft-cap.
 
-`Transformer(cfg).apply({"params": p}, tokens)` maps int32[B, T] to float32[B, T, V] logits.
+`Transformer(cfg).apply({"params": p}, tokens)` maps int32[B, T] to an `Output` whose `logits` are float32[B, T, V].
 With `scan_layers`, one period of `layer_pattern` (e.g. Gemma 2's local+global pair) is the scanned unit,
 so compile time does not grow with depth; parameters then carry a leading layer axis.
 """
@@ -20,7 +20,7 @@ from lecture3.config import ModelConfig
 from lecture3.errors import Lecture3Error
 from lecture3.layers import positions as pos
 from lecture3.layers.block import Block
-from lecture3.layers.common import DTYPES, constrain, dense, dropout, normal, param, softcap
+from lecture3.layers.common import DTYPES, Inputs, constrain, dense, dropout, normal, param, softcap
 from lecture3.layers.norms import Norm
 
 REMAT_POLICIES = {
@@ -44,13 +44,13 @@ class LayerGroup(nn.Module):
     capture: tuple[str, ...] = ()
 
     @nn.compact
-    def __call__(self, x, caches, q_idx, positions, segment_ids, rel_table):
+    def __call__(self, x, caches, inputs: Inputs):
         cfg, new, captured = self.cfg, [], []
         block = block_class(cfg, scanned=True)
         for i, kind in enumerate(cfg.layer_pattern):
             window = cfg.sliding_window if kind == "local" else None
             x, c, cap = block(cfg, window, self.deterministic, self.capture, name=f"layer_{i}")(
-                x, q_idx, positions, segment_ids, rel_table, None if caches is None else caches[i])
+                x, inputs, None if caches is None else caches[i])
             new.append(c)
             captured.append(cap)
         return x, (None if caches is None else tuple(new), tuple(captured))
@@ -58,8 +58,8 @@ class LayerGroup(nn.Module):
 
 @flax.struct.dataclass
 class Output:
-    """What `Transformer(cfg).apply(..., capture=names)` returns: the logits, the new cache (None without
-    one) and the captured intermediates by name, per layer stacked on a leading layer axis (names and
+    """What `Transformer(cfg).apply(...)` returns: the logits, the new cache (None without one) and the
+    intermediates asked for with `capture=names`, per layer stacked on a leading layer axis (names and
     shapes: `lecture3.capture.CAPTURES`)."""
 
     logits: jax.Array  # float32[B, T, V]
@@ -116,14 +116,11 @@ def check_splits(cfg: ModelConfig, splits: int, batch: int, cache, deterministic
         raise Lecture3Error(f"splits={splits} with dropout would draw each part's masks apart; use splits=1")
 
 
-def _layers_in_parts(stack, splits: int, x, q_idx, positions, segment_ids):
+def _layers_in_parts(stack, splits: int, x, inputs: Inputs):
     """The layer stack on `splits` equal parts of the batch, independently (no row ever sees another), joined
     again: the same hidden states, and the captures of every part (per-head maxima over all of them)."""
     size = x.shape[0] // splits
-    outs = []
-    for i in range(splits):
-        part = lambda a: None if a is None else a[i * size:(i + 1) * size]  # noqa: E731, B023 - used at once
-        outs.append(stack(part(x), part(q_idx), part(positions), part(segment_ids), None))
+    outs = [stack(x[i * size:(i + 1) * size], inputs.rows(i * size, (i + 1) * size), None) for i in range(splits)]
     x = jnp.concatenate([o[0] for o in outs])
     captured = {}
     for name in outs[0][2]:  # [L, B, ...] per part, but attn_logit_max [L, N]: a max over the whole batch
@@ -133,6 +130,20 @@ def _layers_in_parts(stack, splits: int, x, q_idx, positions, segment_ids):
     return x, captured
 
 
+def check_call(cfg: ModelConfig, tokens: jax.Array, cache, capture, splits: int, head: bool,
+               deterministic: bool) -> tuple[str, ...]:
+    """The forward's arguments checked before anything is computed; returns the capture names."""
+    names = () if capture is None else capture_names.check(capture)
+    if not head and "log_z" in names:
+        raise Lecture3Error("capture 'log_z' reads the logits, which head=False does not compute; "
+                            "leave it out or use head=True")
+    check_splits(cfg, splits, tokens.shape[0], cache, deterministic)
+    if cfg.position == "learned" and tokens.shape[1] > cfg.max_seq_len:
+        raise Lecture3Error(f"sequence length {tokens.shape[1]} is longer than max_seq_len={cfg.max_seq_len}, the "
+                            "learned position table; shorten the sequences or raise max_seq_len")
+    return names
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
 
@@ -140,12 +151,12 @@ class Transformer(nn.Module):
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, cache: tuple | None = None,
                  q_idx: jax.Array | None = None, deterministic: bool = True,
-                 capture: Sequence[str] | None = None, splits: int = 1, head: bool = True):
-        """tokens int32[B, T] -> logits float32[B, T, V] (and the new cache when `cache` is given).
+                 capture: Sequence[str] | None = None, splits: int = 1, head: bool = True) -> Output:
+        """tokens int32[B, T] -> `Output`: logits float32[B, T, V], the new cache (None without `cache`) and
+        the captured intermediates.
 
-        capture: None (the default: nothing extra is computed) or names of `lecture3.capture.CAPTURES`;
-        then the result is an `Output(logits, cache, captured)` whatever else is given (`capture=()` asks
-        for the struct alone).
+        capture: names of `lecture3.capture.CAPTURES` to return in `Output.captured` (None or (): nothing extra
+        is computed).
 
         positions: position of each token for the encodings (default 0..T-1; restarts per document
         when packing). segment_ids: document ids, used when `cfg.document_mask`. q_idx: place of each
@@ -165,24 +176,33 @@ class Transformer(nn.Module):
         into the table (the last row serves every position past it).
         """
         cfg = self.cfg
-        names = () if capture is None else capture_names.check(capture)
-        layer_names = tuple(n for n in names if n in capture_names.PER_LAYER)
+        names = check_call(cfg, tokens, cache, capture, splits, head, deterministic)
         b, t = tokens.shape
-        if not head and "log_z" in names:
-            raise Lecture3Error("capture 'log_z' reads the logits, which head=False does not compute; "
-                                "leave it out or use head=True")
-        check_splits(cfg, splits, b, cache, deterministic)
-        if cfg.position == "learned" and t > cfg.max_seq_len:
-            raise Lecture3Error(f"sequence length {t} is longer than max_seq_len={cfg.max_seq_len}, the learned "
-                                "position table; shorten the sequences or raise max_seq_len")
-        dt = DTYPES[cfg.dtype]
-        if q_idx is None:
-            q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if positions is None:
-            positions = q_idx
-
+        q_idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if q_idx is None else q_idx
+        positions = q_idx if positions is None else positions
         embed = param(self, "embed", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"),
                       normal(cfg.init_std), cfg.param_dtype)
+        x = self.embed_tokens(embed, tokens, positions, deterministic)
+        inputs = Inputs(q_idx, positions, segment_ids, self.relative_table())
+        stack = self.layer_stack(deterministic, tuple(n for n in names if n in capture_names.PER_LAYER))
+        if splits == 1:
+            x, cache, captured = stack(x, inputs, cache)
+        else:
+            x, captured = _layers_in_parts(stack, splits, x, inputs)
+        if cfg.has_final_norm:
+            x = Norm(cfg, name="final_norm")(x)
+        if not head:
+            return Output(None, cache, {n: captured[n] for n in names}, hidden=x)
+        w = embed.astype(DTYPES[cfg.dtype]).T if cfg.tie_embeddings else param(
+            self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), normal(cfg.init_std), cfg.param_dtype)
+        logits = head_logits(cfg, x, w)  # [B, T, V]
+        if "log_z" in names:
+            captured["log_z"] = jax.nn.logsumexp(logits, axis=-1)
+        return Output(logits, cache, {n: captured[n] for n in names})
+
+    def embed_tokens(self, embed: jax.Array, tokens: jax.Array, positions: jax.Array, deterministic: bool):
+        """The token embeddings [B, T, D] in the compute dtype, scaled, plus absolute positions, dropped out."""
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         x = jnp.take(embed, tokens, axis=0).astype(dt)  # [B, T, D]
         if cfg.scale_embeddings:
             x = x * jnp.asarray(cfg.d_model ** 0.5, dt)
@@ -194,59 +214,44 @@ class Transformer(nn.Module):
         elif cfg.position == "sinusoidal":
             x = x + pos.sinusoidal(positions, cfg.d_model).astype(dt)
         x = dropout(self, x, cfg.embed_dropout, deterministic)
-        x = constrain(x, ("batch", "length", "embed"))
+        return constrain(x, ("batch", "length", "embed"))
 
-        rel_table = None
-        if cfg.position == "relative":  # T5: one bucket table shared by all layers
-            rel_table = param(self, "rel_bias", (cfg.relative_buckets, cfg.n_heads), ("relpos", "heads"),
-                              normal(cfg.init_std), cfg.param_dtype)
+    def relative_table(self) -> jax.Array | None:
+        """T5's relative-position bias table, one shared by all layers (position="relative" only)."""
+        cfg = self.cfg
+        if cfg.position != "relative":
+            return None
+        return param(self, "rel_bias", (cfg.relative_buckets, cfg.n_heads), ("relpos", "heads"),
+                     normal(cfg.init_std), cfg.param_dtype)
 
+    def layer_stack(self, deterministic: bool, layer_names: tuple[str, ...]):
+        """`(x, inputs, cache) -> (x, new cache, captured [L, ...])` over all layers: one scanned period of
+        `layer_pattern` repeated (`scan_layers`), or each layer its own module."""
+        cfg = self.cfg
         if cfg.scan_layers:
-            groups = cfg.n_layers // len(cfg.layer_pattern)
             scanned = nn.scan(
-                LayerGroup,
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                length=groups,
+                LayerGroup, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast), length=cfg.n_layers // len(cfg.layer_pattern),
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, deterministic, layer_names, name="layers")
 
-            def stack(x, q_idx, positions, segment_ids, cache):
-                x, (cache, per_slot) = scanned(x, cache, q_idx, positions, segment_ids, rel_table)
+            def stack(x, inputs, cache):
+                x, (cache, per_slot) = scanned(x, cache, inputs)
                 return x, cache, _interleave_scanned(per_slot)
-        else:
-            blocks = [block_class(cfg, scanned=False)(cfg, cfg.window(layer), deterministic, layer_names,
-                                                      name=f"layer_{layer}") for layer in range(cfg.n_layers)]
 
-            def stack(x, q_idx, positions, segment_ids, cache):
-                new, per_layer = [], []
-                for layer, block in enumerate(blocks):
-                    c = None if cache is None else cache[layer]
-                    x, c, cap = block(x, q_idx, positions, segment_ids, rel_table, c)
-                    new.append(c)
-                    per_layer.append(cap)
-                return x, None if cache is None else tuple(new), _stack_captured(per_layer)
+            return stack
+        blocks = [block_class(cfg, scanned=False)(cfg, cfg.window(layer), deterministic, layer_names,
+                                                  name=f"layer_{layer}") for layer in range(cfg.n_layers)]
 
-        if splits == 1:
-            x, cache, captured = stack(x, q_idx, positions, segment_ids, cache)
-        else:
-            x, captured = _layers_in_parts(stack, splits, x, q_idx, positions, segment_ids)
+        def stack(x, inputs, cache):
+            new, per_layer = [], []
+            for layer, block in enumerate(blocks):
+                x, c, cap = block(x, inputs, None if cache is None else cache[layer])
+                new.append(c)
+                per_layer.append(cap)
+            return x, None if cache is None else tuple(new), _stack_captured(per_layer)
 
-        if cfg.has_final_norm:
-            x = Norm(cfg, name="final_norm")(x)
-        if not head:
-            return Output(None, cache, {n: captured[n] for n in names}, hidden=x)
-        if cfg.tie_embeddings:
-            logits = head_logits(cfg, x, embed.astype(dt).T)  # [B, T, V]
-        else:
-            logits = head_logits(cfg, x, param(self, "head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                                               normal(cfg.init_std), cfg.param_dtype))
-        if capture is None:
-            return logits if cache is None else (logits, cache)
-        if "log_z" in names:
-            captured["log_z"] = jax.nn.logsumexp(logits, axis=-1)
-        return Output(logits, cache, {n: captured[n] for n in names})
+        return stack
 
 
 def unstack_layers(cfg: ModelConfig, params: dict) -> list[dict]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,10 +44,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lecture3 import data as dataio
-from lecture3 import diagnostics, loop, losses, optim, steps
+from lecture3 import loop, losses, meter, optim, steps, training
 from lecture3.config import Config, ConfigError, TrainConfig, dotted_keys
 from lecture3.errors import Lecture3Error
-from lecture3.meter import LossMeter
 from lecture3.model import Transformer
 
 # the keys a member may override; every other key changes the compiled program
@@ -310,6 +308,69 @@ def _check_population(base: Config, configs: Sequence[Config], data) -> None:
                               "data.seed overrides, or let the population read config.data (data=None)")
 
 
+def _member_data(base: Config, configs: Sequence[Config], data, val_data):
+    """(tokenizer, batch stream, validation set, shared): one iterator per distinct data.seed, each step's
+    batch shared by all members when there is one, else stacked [M, ...]; or the caller's batches."""
+    if data is not None:
+        stream, val = training.user_data(base, data, val_data)
+        return None, stream, val, True
+    tokenizer = training.load_tokenizer(base, base.train.progress)
+    seeds = list(dict.fromkeys(c.data.seed for c in configs))
+    by_seed = {s: dataio.make_train_iterator(dataclasses.replace(base.data, seed=s), base.train.batch_size)
+               for s in seeds}
+    shared = len(seeds) == 1
+    stream = _member_batches([by_seed[c.data.seed] for c in configs], shared)
+    return tokenizer, stream, training.validation_set(base), shared
+
+
+def _evaluator(base: Config, mesh: Mesh, val: list[dict], n: int):
+    """pstate -> one validation record per member (NaN for a member frozen by divergence; {} without val)."""
+    eval_fn, replicated = jit_population_eval(base, mesh), NamedSharding(mesh, P())
+
+    def evaluate(pstate: PopulationState) -> list[dict]:
+        if not val:
+            return [{} for _ in range(n)]
+        loss = np.asarray(training.mean_loss([eval_fn(pstate.members.params, jax.device_put(b, replicated))
+                                              for b in val]))
+        dead = np.asarray(pstate.diverged_at) >= 0 if base.train.on_nonfinite == "stop" else np.zeros(n, bool)
+        return [training.val_record(math.nan if d else float(v)) for v, d in zip(loss.tolist(), dead, strict=True)]
+
+    return evaluate
+
+
+def _member_records(done: int, values: dict, configs: Sequence[Config], rates, evals: list[dict]) -> list[dict]:
+    """The log record of each member at step `done`: its slice of the metrics, the clock's rates, its eval."""
+    records = []
+    for i, config in enumerate(configs):
+        record = training.log_record(done, {k: v[i] for k, v in values.items()}, *rates)
+        if config.train.z_loss is None:
+            record.pop("z_loss", None)  # a weight-0 term, only there because another member has one
+        records.append({**record, **evals[i]})
+    return records
+
+
+def _show(bar, values: dict, pstate: PopulationState) -> None:
+    finite = np.asarray(values["loss"])[np.isfinite(values["loss"])]
+    if bar is not None and finite.size:
+        bar.set_postfix(best_loss=f"{finite.min():.3f}", diverged=int((np.asarray(pstate.diverged_at) >= 0).sum()))
+
+
+def _member_runs(configs, members, pstate: PopulationState, histories, tokenizer, val, stopped) -> list[MemberRun]:
+    diverged = np.asarray(pstate.diverged_at).tolist()
+    unigram = training.unigram_entropy(val) if val else None
+    runs = []
+    for i, (config, overrides) in enumerate(zip(configs, members, strict=True)):
+        state = jax.tree.map(lambda x, i=i: x[i], pstate.members)
+        at = None if diverged[i] < 0 else int(diverged[i])
+        why = stopped
+        if at is not None and config.train.on_nonfinite == "stop":
+            why = f"non-finite loss at step {at}: the member was frozen there"
+        runs.append(MemberRun(config=config, history=histories[i], state=state, params=state.params,
+                              tokenizer=tokenizer, unigram_entropy=unigram, stopped=why,
+                              overrides=dict(overrides), diverged_at=at))
+    return runs
+
+
 def train(base: Config, members: Sequence[Mapping[str, Any]], *, data: loop.Batches | None = None,
           val_data: loop.Batches | None = None, progress: bool | None = None, echo=print) -> list[MemberRun]:
     """Train every member of `members` (dicts of dotted overrides of `base`, keys from MEMBER_KEYS) as one
@@ -326,90 +387,38 @@ def train(base: Config, members: Sequence[Mapping[str, Any]], *, data: loop.Batc
     base = base if progress is None else base.replace(**{"train.progress": bool(progress)})
     configs = member_configs(base, members)
     _check_population(base, configs, data)
-    mcfg, tcfg, n = base.model, base.train, len(configs)
-
-    tokenizer, val, iterators, shared = None, [], [], True
-    if data is None:
-        tokenizer = dataio.load_tokenizer(base.data, progress=tcfg.progress)
-        if tokenizer.vocab_size > mcfg.vocab_size:
-            raise dataio.DataError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                                   f"{mcfg.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
-        seeds = list(dict.fromkeys(c.data.seed for c in configs))
-        by_seed = {s: dataio.make_train_iterator(dataclasses.replace(base.data, seed=s), tcfg.batch_size)
-                   for s in seeds}
-        iterators = [by_seed[c.data.seed] for c in configs]
-        shared = len(seeds) == 1
-        val = dataio.validation_batches(base.data, tcfg.batch_size)[: tcfg.eval_batches]
-        stream = _member_batches(iterators, shared)
-    else:
-        stream = loop._user_batches(data, tcfg, base.data.seq_len, "data")
-        if val_data is not None:
-            val = list(loop._user_batches(val_data, tcfg, base.data.seq_len, "val_data"))
-
+    tcfg, n = base.train, len(configs)
+    tokenizer, stream, val, shared = _member_data(base, configs, data, val_data)
     mesh = make_mesh(n)
-    z_any = any(c.train.z_loss is not None for c in configs)
-    step_fn = jit_population_step(make_population_step(base, z_any), mesh, shared)
-    eval_fn = jit_population_eval(base, mesh)
-    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+    step_fn = jit_population_step(make_population_step(base, any(c.train.z_loss is not None for c in configs)),
+                                  mesh, shared)
+    evaluate = _evaluator(base, mesh, val, n)
+    batch_sharding = NamedSharding(mesh, P() if shared else P(AXIS))
     pstate = init_population(base, configs, mesh)
-
-    flops_per_token = accounting.flops_per_token(mcfg, base.data.seq_len)["training"]
-    peak = loop.peak_flops_per_device(tcfg.peak_tflops, mcfg.dtype)
-    tokens_per_step = tcfg.batch_size * base.data.seq_len
-
-    def evaluate(pstate) -> list[dict]:
-        if not val:
-            return [{} for _ in range(n)]
-        sums = [eval_fn(pstate.members.params, jax.device_put(b, replicated)) for b in val]
-        losses_ = np.asarray(sum(s["loss_sum"] for s in sums) / sum(s["tokens"] for s in sums))
-        dead = np.asarray(pstate.diverged_at) >= 0 if tcfg.on_nonfinite == "stop" else np.zeros(n, bool)
-        return [{"val_loss": math.nan if d else float(v), "val_ppl": math.nan if d else math.exp(min(v, 50.0))}
-                for v, d in zip(losses_.tolist(), dead, strict=True)]
-
-    histories = [loop.History() for _ in range(n)]
-    bar = None
-    if tcfg.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=tcfg.steps, desc=f"population of {n}", unit="step", dynamic_ncols=True)
-    t_last, tokens_since, stopped, done = None, 0, None, 0
-    meter = LossMeter()  # each member's logged loss: the mean over the steps since the last log
+    clock = meter.Throughput(tcfg.batch_size * base.data.seq_len,
+                             accounting.flops_per_token(base.model, base.data.seq_len)["training"],
+                             meter.peak_flops_per_device(tcfg.peak_tflops, base.model.dtype),
+                             len(mesh.devices.flat), members=n)
+    histories, loss_meter = [loop.History() for _ in range(n)], meter.LossMeter()
+    bar, stopped, done = training.progress_bar(tcfg, f"population of {n}"), None, 0
     try:
         for step in range(tcfg.steps):
             batch = next(stream, None)
             if batch is None:
                 stopped = f"the data ran out after {step} steps"
                 break
-            batch = jax.device_put(batch, replicated if shared else sharded)
-            pstate, metrics = step_fn(pstate, batch)
-            meter.add(metrics)
-            done = step + 1
-            log_now = done % tcfg.log_every == 0 or done == tcfg.steps
-            eval_now = done % tcfg.eval_every == 0 or done == tcfg.steps
-            if t_last is None:
-                jax.block_until_ready(metrics)
-                t_last = time.perf_counter()
-            else:
-                tokens_since += tokens_per_step
-            if log_now or eval_now:
-                values = meter.take(jax.device_get(metrics))
-                elapsed = time.perf_counter() - t_last
-                rate = tokens_since / elapsed if tokens_since else None
-                mfu = (rate * n * flops_per_token / (peak * len(mesh.devices.flat))
-                       if rate is not None and peak is not None else None)
-                evals = evaluate(pstate) if eval_now else [{}] * n
-                for i, history in enumerate(histories):
-                    mine = diagnostics.flatten_layers({k: v[i] for k, v in values.items()})
-                    record = {"step": done, **{k: float(v) for k, v in mine.items()}}
-                    if configs[i].train.z_loss is None:
-                        record.pop("z_loss", None)  # a weight-0 term, only there because another member has one
-                    record.update(tokens_per_s=rate, mfu=mfu, **evals[i])
+            pstate, metrics = step_fn(pstate, jax.device_put(batch, batch_sharding))
+            loss_meter.add(metrics)
+            done, now = step + 1, training.due(tcfg, step + 1)
+            clock.step(metrics)
+            if now.log or now.eval:  # log (and evaluate), one record per member
+                values, rates = loss_meter.take(jax.device_get(metrics)), clock.rates()
+                evals = evaluate(pstate) if now.eval else [{}] * n
+                for history, record in zip(histories, _member_records(done, values, configs, rates, evals),
+                                           strict=True):
                     history.append(record)
-                finite = np.asarray(values["loss"])[np.isfinite(values["loss"])]
-                if bar is not None and finite.size:
-                    bar.set_postfix(best_loss=f"{finite.min():.3f}",
-                                    diverged=int((np.asarray(pstate.diverged_at) >= 0).sum()))
-                t_last, tokens_since = time.perf_counter(), 0
+                _show(bar, values, pstate)
+                clock.restart()
             if bar is not None:
                 bar.update(1)
     finally:
@@ -418,20 +427,7 @@ def train(base: Config, members: Sequence[Mapping[str, Any]], *, data: loop.Batc
     if stopped and val and done and not (histories[0] and histories[0][-1]["step"] == done):
         for history, ev in zip(histories, evaluate(pstate), strict=True):  # the end is evaluated, as always
             history.append({"step": done, **ev})
-
-    diverged = np.asarray(pstate.diverged_at).tolist()
-    unigram = loop.unigram_entropy(val) if val else None
-    runs = []
-    for i, (config, overrides) in enumerate(zip(configs, members, strict=True)):
-        state = jax.tree.map(lambda x, i=i: x[i], pstate.members)
-        at = None if diverged[i] < 0 else int(diverged[i])
-        why = stopped
-        if at is not None and tcfg.on_nonfinite == "stop":
-            why = f"non-finite loss at step {at}: the member was frozen there"
-        runs.append(MemberRun(config=config, history=histories[i], state=state, params=state.params,
-                              tokenizer=tokenizer, unigram_entropy=unigram, stopped=why,
-                              overrides=dict(overrides), diverged_at=at))
-    return runs
+    return _member_runs(configs, members, pstate, histories, tokenizer, val, stopped)
 
 
 def _member_batches(iterators: list, shared: bool):

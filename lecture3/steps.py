@@ -176,7 +176,7 @@ def make_eval_step(cfg: ModelConfig) -> Callable:
 
     def eval_step(params, batch: Batch) -> dict:
         """Summed token loss and token count, so batches of any mask average exactly."""
-        logits = model.apply({"params": params}, batch["inputs"], **model_inputs(cfg, batch))
+        logits = model.apply({"params": params}, batch["inputs"], **model_inputs(cfg, batch)).logits
         mask = losses.loss_mask(batch)
         loss, _ = ce(logits, batch)
         return {"loss_sum": loss * mask.sum(), "tokens": mask.sum()}

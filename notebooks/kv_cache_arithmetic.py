@@ -174,7 +174,8 @@ tokens = jnp.asarray(np.random.default_rng(1).integers(0, ring_cfg.vocab_size, (
 
 @jax.jit
 def feed(cache, chunk, q):  # the tokens `chunk` [1, T] at stream indices q [1, T] -> (logits, new cache)
-    return Transformer(ring_cfg).apply({"params": ring_params}, chunk, positions=q, cache=cache, q_idx=q)
+    out = Transformer(ring_cfg).apply({"params": ring_params}, chunk, positions=q, cache=cache, q_idx=q)
+    return out.logits, out.cache
 
 
 _, cache = feed(init_cache(ring_cfg, 1, TOTAL), tokens[:, :PROMPT_LEN], jnp.arange(PROMPT_LEN)[None])

@@ -196,8 +196,9 @@ print(f"our term's bound max|q| max|k| / sqrt(H) at the end: {runs['+ our qk-bou
 val = validation_batches(base.data, base.train.batch_size)[0]
 for name in (f"lr {HIGH_LR:g}", "+ soft-caps 50 / 30"):
     if name in runs:
-        out = Transformer(runs[name].config.model).apply({"params": runs[name].params}, jnp.asarray(val["inputs"]))
-        print(f"{name}: largest |output logit| on a validation batch {float(jnp.abs(out).max()):.1f}")
+        run_ = runs[name]
+        logits = Transformer(run_.config.model).apply({"params": run_.params}, jnp.asarray(val["inputs"])).logits
+        print(f"{name}: largest |output logit| on a validation batch {float(jnp.abs(logits).max()):.1f}")
 
 # %% [markdown]
 # ## What was measured

@@ -149,7 +149,7 @@ def test_forward_flops_agree_with_xla_cost_analysis():
     t = 128
     tokens = jnp.zeros((1, t), jnp.int32)
     params = jax.eval_shape(lambda r: Transformer(cfg).init(r, tokens), jax.random.key(0))["params"]
-    compiled = jax.jit(lambda p, x: Transformer(cfg).apply({"params": p}, x)).lower(params, tokens).compile()
+    compiled = jax.jit(lambda p, x: Transformer(cfg).apply({"params": p}, x).logits).lower(params, tokens).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     assert cost is not None and "flops" in cost, f"no cost analysis on {jax.default_backend()}: {cost}"

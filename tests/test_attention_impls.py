@@ -218,9 +218,9 @@ def test_cudnn_path_hands_jax_is_causal_and_the_window(monkeypatch, document_mas
     cfg = dense.replace(attention_impl="cudnn")
     params = _init(dense)
     kw = {"segment_ids": SEGMENTS} if document_mask else {}
-    ref = Transformer(dense).apply({"params": params}, TOKENS, **kw)
+    ref = Transformer(dense).apply({"params": params}, TOKENS, **kw).logits
     monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
-    out = Transformer(cfg).apply({"params": params}, TOKENS, **kw)
+    out = Transformer(cfg).apply({"params": params}, TOKENS, **kw).logits
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
     assert [c.get("is_causal") for c in calls] == [True, True]
     assert [c.get("local_window_size") for c in calls] == [(2, 0), None]  # local layer: q - k < 3

@@ -108,7 +108,7 @@ def test_scanned_captures_come_in_layer_order():
 def test_capture_off_adds_nothing_to_the_program():
     params = _params(CFG)
     model = Transformer(CFG)
-    off = jax.make_jaxpr(lambda p: model.apply({"params": p}, TOKENS))(params)
+    off = jax.make_jaxpr(lambda p: model.apply({"params": p}, TOKENS).logits)(params)
     empty = jax.make_jaxpr(lambda p: model.apply({"params": p}, TOKENS, capture=()).logits)(params)
     full = jax.make_jaxpr(lambda p: model.apply({"params": p}, TOKENS, capture=tuple(CAPTURES)).logits)(params)
     assert len(off.eqns) == len(empty.eqns) and str(off) == str(empty)
@@ -136,7 +136,7 @@ def test_the_layers_in_batch_parts_give_the_same_logits_and_captures(scan):
     for name in CAPTURES:  # each capture whole: batch rows in order, the per-head max over every row
         assert two.captured[name].shape == one.captured[name].shape, name
         np.testing.assert_allclose(two.captured[name], one.captured[name], rtol=1e-5, atol=1e-5, err_msg=name)
-    count = lambda s: str(jax.make_jaxpr(lambda p: Transformer(cfg).apply({"params": p}, tokens, splits=s))(  # noqa: E731
+    count = lambda s: str(jax.make_jaxpr(lambda p: Transformer(cfg).apply({"params": p}, tokens, splits=s).logits)(  # noqa: E731
         params)).count("dot_general")
     assert count(2) > count(1)  # the layers really ran once per part
 

@@ -65,7 +65,7 @@ def test_the_head_of_the_model_is_head_logits():
     model = Transformer(CFG)
     out = model.apply({"params": params}, batch["inputs"], capture=(), head=False)
     assert out.logits is None and out.hidden.shape == (B, T, CFG.d_model)
-    full = model.apply({"params": params}, batch["inputs"])
+    full = model.apply({"params": params}, batch["inputs"]).logits
     np.testing.assert_array_equal(head_logits(CFG, out.hidden, head_matrix(CFG, params)), full)
 
 

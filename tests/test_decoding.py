@@ -68,7 +68,7 @@ def model(name: str) -> tuple[ModelConfig, dict]:
 
 @functools.partial(jax.jit, static_argnums=0)
 def full_forward(cfg, params, tokens):
-    return Transformer(cfg).apply({"params": params}, tokens)
+    return Transformer(cfg).apply({"params": params}, tokens).logits
 
 
 def uncached_greedy(cfg, params, prompts, new):

@@ -120,7 +120,7 @@ def apply(cfg: ModelConfig):
 
 
 def logits(cfg: ModelConfig, params, toks) -> np.ndarray:
-    return np.asarray(apply(cfg)({"params": params}, jnp.asarray(toks)))
+    return np.asarray(apply(cfg)({"params": params}, jnp.asarray(toks)).logits)
 
 
 def tokens() -> np.ndarray:

@@ -57,7 +57,7 @@ def hf_logits(model, toks: np.ndarray) -> np.ndarray:
 
 
 def our_logits(cfg: ModelConfig, params, toks: np.ndarray) -> np.ndarray:
-    return np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, jnp.asarray(toks)))
+    return np.asarray(jax.jit(Transformer(cfg).apply)({"params": params}, jnp.asarray(toks)).logits)
 
 
 def layers(cfg: ModelConfig, params) -> list:

@@ -16,7 +16,7 @@ import pytest
 from train_helpers import cli_flags, tiny_config
 
 import lecture3
-from lecture3 import cli, loop, steps
+from lecture3 import cli, loop, meter, steps
 from lecture3.checkpoint import Checkpointer, CheckpointError, check_resumable
 from lecture3.config import TrainConfig
 from lecture3.data import DataError
@@ -40,13 +40,13 @@ def _device(kind, platform="gpu"):
 ])
 def test_peak_flops_are_looked_up_by_exact_device_kind_and_compute_dtype(kind, dtype, tflops, monkeypatch):
     monkeypatch.setattr(loop.jax, "jit", lambda *a, **k: pytest.fail("timed a matmul on an accelerator"))
-    peak = loop.peak_flops_per_device(None, dtype, _device(kind))
+    peak = meter.peak_flops_per_device(None, dtype, _device(kind))
     assert peak == (None if tflops is None else pytest.approx(tflops * 1e12))
-    assert loop.peak_flops_per_device(100.0, dtype, _device(kind)) == pytest.approx(1e14)
+    assert meter.peak_flops_per_device(100.0, dtype, _device(kind)) == pytest.approx(1e14)
 
 
 def test_peak_flops_are_measured_on_a_cpu():
-    assert loop.peak_flops_per_device(None, "float32", jax.devices()[0]) > 0
+    assert meter.peak_flops_per_device(None, "float32", jax.devices()[0]) > 0
 
 
 def _strict(text):

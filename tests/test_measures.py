@@ -28,7 +28,7 @@ def test_init_grad_norms_reads_a_scanned_stack_in_layer_order(tmp_path):
     model, ce = Transformer(flat_cfg), losses.cross_entropy()
     for batch, norms in zip(measures._batches(cfg, 2), got["per_batch"], strict=True):
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        g = jax.grad(lambda p, b=batch: ce(model.apply({"params": p}, b["inputs"]), b)[0])(flat)
+        g = jax.grad(lambda p, b=batch: ce(model.apply({"params": p}, b["inputs"]).logits, b)[0])(flat)
         want = [float(jnp.linalg.norm(g[f"layer_{i}"]["mlp"]["up"])) for i in range(4)]
         np.testing.assert_allclose(norms, want, rtol=1e-5)
     assert len(set(got["per_layer"])) == 4 and all(x > 0 for x in got["per_layer"])

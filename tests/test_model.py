@@ -19,6 +19,7 @@ import pytest
 from lecture3.config import ModelConfig, RopeScaling
 from lecture3.layers.attention import Attention
 from lecture3.layers.block import Block
+from lecture3.layers.common import Inputs
 from lecture3.layers.mlp import MLP
 from lecture3.layers.norms import rms_norm
 from lecture3.model import Transformer, stack_layers, unstack_layers
@@ -39,7 +40,7 @@ def init(cfg: ModelConfig, seed: int = 0) -> dict:
 
 
 def forward(cfg: ModelConfig, params: dict, tokens=TOKENS, **kw) -> jax.Array:
-    return Transformer(cfg).apply({"params": params}, tokens, **kw)
+    return Transformer(cfg).apply({"params": params}, tokens, **kw).logits
 
 
 def abstract(cfg: ModelConfig):
@@ -427,15 +428,15 @@ def test_block_layout_matches_its_formula(layout):
     cfg = BASE.replace(**changes)
     x = jax.random.normal(jax.random.key(2), (B, T, cfg.d_model)) * 3.0 + 1.0
     idx = jnp.broadcast_to(jnp.arange(T), (B, T))
-    block = Block(cfg)
-    params = nn.unbox(block.init(jax.random.key(0), x, idx, idx, None)["params"])
+    block, inputs = Block(cfg), Inputs(idx, idx)
+    params = nn.unbox(block.init(jax.random.key(0), x, inputs)["params"])
     noise = iter(jax.random.split(jax.random.key(3), 8))
     params = {k: {"scale": v["scale"] + 0.5 * jax.random.normal(next(noise), v["scale"].shape)}
               if k.endswith("norm") else v for k, v in params.items()}  # distinct gains: the names matter
-    out, _, _ = block.apply({"params": params}, x, idx, idx, None)
+    out, _, _ = block.apply({"params": params}, x, inputs)
     norms = Recording({k: (lambda h, s=v["scale"]: rms_norm(h, s, cfg.norm_eps)) for k, v in params.items()
                        if k.endswith("norm")})
-    attn = lambda h: Attention(cfg).apply({"params": params["attn"]}, h, idx, idx, None)[0]
+    attn = lambda h: Attention(cfg).apply({"params": params["attn"]}, h, inputs)[0]
     mlp = lambda h: MLP(cfg).apply({"params": params["mlp"]}, h)
     chex.assert_trees_all_close(out, formula(x, norms, attn, mlp), rtol=1e-5, atol=1e-5)
     assert norms.used == set(norms)  # the block owns exactly the formula's norms

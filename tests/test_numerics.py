@@ -76,7 +76,7 @@ def test_learned_positions_past_the_table_are_an_error_eagerly_and_clipped_under
         model.apply({"params": params}, tokens, positions=past)
     with pytest.raises(Lecture3Error, match="positions span"):
         model.apply({"params": params}, tokens, positions=past - 5)  # negative
-    run = jax.jit(lambda p, x: model.apply({"params": p}, tokens, positions=x))
+    run = jax.jit(lambda p, x: model.apply({"params": p}, tokens, positions=x).logits)
     logits = run(params, past)
     assert np.isfinite(np.asarray(logits)).all()  # was NaN, and spread to the earlier rows through 0 * NaN
     chex.assert_trees_all_close(logits, run(params, jnp.minimum(past, 7)), rtol=1e-6, atol=1e-6)
@@ -184,18 +184,18 @@ def test_each_dropout_acts_where_it_says(where):
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 61)
     params, model = init(cfg, tokens), Transformer(cfg)
     dropped = Transformer(cfg.replace(**{where: 1 - 1e-7})).apply(
-        {"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(2)})
+        {"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(2)}).logits
     zero = lambda tree, names: {k: (jax.tree.map(jnp.zeros_like, v) if k in names else
                                     zero(v, names) if isinstance(v, dict) else v) for k, v in tree.items()}
     # embed: after the position table is added; resid: each branch output before its residual add;
     # attn: the probabilities, so the attention branch outputs zero while the MLP still runs
     names = {"embed_dropout": ("embed", "pos_embed"), "resid_dropout": ("o", "down"), "attn_dropout": ("o",)}
-    reference = model.apply({"params": zero(params, names[where])}, tokens)
+    reference = model.apply({"params": zero(params, names[where])}, tokens).logits
     chex.assert_trees_all_close(dropped, reference, rtol=1e-5, atol=1e-5)
-    assert not np.allclose(reference, model.apply({"params": params}, tokens), atol=1e-3)
+    assert not np.allclose(reference, model.apply({"params": params}, tokens).logits, atol=1e-3)
     # evaluation (deterministic) ignores every rate
-    off = Transformer(cfg.replace(**{where: 0.5})).apply({"params": params}, tokens)
-    chex.assert_trees_all_close(off, model.apply({"params": params}, tokens), rtol=1e-6, atol=1e-6)
+    off = Transformer(cfg.replace(**{where: 0.5})).apply({"params": params}, tokens).logits
+    chex.assert_trees_all_close(off, model.apply({"params": params}, tokens).logits, rtol=1e-6, atol=1e-6)
 
 
 def _equations(jaxpr):
@@ -215,7 +215,7 @@ def test_softmax_norms_and_logits_are_float32_under_bfloat16_compute(norm):
                       norm=norm, qk_norm="per_head", final_logit_softcap=30.0)
     tokens = jnp.zeros((2, 8), jnp.int32)
     params = init(cfg, tokens)
-    closed = jax.make_jaxpr(lambda p: Transformer(cfg).apply({"params": p}, tokens))(params)
+    closed = jax.make_jaxpr(lambda p: Transformer(cfg).apply({"params": p}, tokens).logits)(params)
     eqns = list(_equations(closed.jaxpr))
     by = lambda name: [e for e in eqns if e.primitive.name == name]
     assert any(e.invars[0].aval.dtype == jnp.bfloat16 for e in by("dot_general"))  # the compute really is bf16

@@ -115,7 +115,7 @@ def test_tiny_runs_a_real_forward_pass(family):
     cfg = presets.get(family, "tiny")
     row = jax.random.randint(jax.random.key(1), (48,), 0, cfg.vocab_size)  # longer than the tiny windows
     tokens = jnp.stack([row, row.at[0].set((row[0] + 1) % cfg.vocab_size)])
-    logits = np.asarray(jax.jit(Transformer(cfg).apply)({"params": random_params(cfg, tokens)}, tokens))
+    logits = np.asarray(jax.jit(Transformer(cfg).apply)({"params": random_params(cfg, tokens)}, tokens).logits)
     assert logits.shape == (2, 48, cfg.vocab_size) and logits.dtype == np.float32
     assert np.isfinite(logits).all() and logits.std() > 0
     changed = np.abs(logits[0] - logits[1]).max(-1) > 0  # [T]: which positions saw the changed token

@@ -226,7 +226,8 @@ def run(cfg: ModelConfig, backward: bool):
     training = cfg.embed_dropout is not None
 
     def loss(p):
-        logits = model.apply({"params": p}, TOKENS, segment_ids=SEGMENTS, deterministic=not training, rngs=rngs)
+        logits = model.apply({"params": p}, TOKENS, segment_ids=SEGMENTS, deterministic=not training,
+                             rngs=rngs).logits
         target = jnp.take_along_axis(logits, TOKENS[..., None], -1)[..., 0]
         return jnp.mean(jax.nn.logsumexp(logits, -1) - target), logits
 

@@ -46,7 +46,7 @@ def init_grad_norms(cfg: Config, n_batches: int = 4, leaf: str = "up") -> dict:
     @jax.jit
     def grads(params, batch):
         def loss(p):
-            return ce(model.apply({"params": p}, batch["inputs"]), batch)[0]
+            return ce(model.apply({"params": p}, batch["inputs"]).logits, batch)[0]
 
         layers = unstack_layers(cfg.model, jax.grad(loss)(params))  # layer order, scanned or not
         return jnp.stack([jnp.linalg.norm(layer["mlp"][leaf]) for layer in layers])

@@ -12,7 +12,7 @@ validation rows the models are scored on.
              N1+(• w) the distinct tokens before w, N1+(• •) the distinct pairs. A history never seen in
              training (c(v) = 0) predicts P_cont(w). The continuation unigram is itself interpolated with
              the uniform distribution over the V ids, so no token has probability 0.
-    unigram  the entropy of the validation targets' own frequencies (`lecture3.loop.unigram_entropy`): the
+    unigram  the entropy of the validation targets' own frequencies (`lecture3.training.unigram_entropy`): the
              best loss any unigram model gets there (fitted on validation itself, so a floor for unigrams)
 
 Both are scored on exactly the rows `lecture3.data.validation_batches(cfg, batch_size)` gives the models:
@@ -79,7 +79,7 @@ def scored_pairs(batches: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 def of_stream(stream: np.ndarray, batches: Sequence[dict], vocab: int, discount: float = DISCOUNT) -> dict:
     """The references of a training stream scored on validation batches (no cache)."""
-    from lecture3.loop import unigram_entropy
+    from lecture3.training import unigram_entropy
 
     inputs, targets = scored_pairs(batches)
     bigram = -float(np.mean(kneser_ney_log_probs(stream, vocab, inputs, targets, discount)))

@@ -15,7 +15,7 @@ from lecture3.config import ModelConfig
 from lecture3.layers import attention_ops as ops
 from lecture3.layers import positions as pos
 from lecture3.layers.attention_ops import NEG_INF, attention_core, attention_mask, dot_product_attention, entropy  # noqa: F401
-from lecture3.layers.common import DTYPES, constrain, dense, dropout, normal, param
+from lecture3.layers.common import DTYPES, Inputs, constrain, dense, dropout, normal, param
 from lecture3.layers.norms import NORMS
 
 
@@ -32,10 +32,10 @@ class Attention(nn.Module):
     capture: tuple[str, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array, q_idx: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 rel_table: jax.Array | None = None, cache: dict | None = None,
+    def __call__(self, x: jax.Array, inputs: Inputs, cache: dict | None = None,
                  deterministic: bool = True) -> tuple[jax.Array, dict | None, dict]:
         cfg = self.cfg
+        q_idx, positions, segment_ids, rel_table = inputs.q_idx, inputs.positions, inputs.segment_ids, inputs.rel_table
         n, kv, h, d = cfg.n_heads, cfg.resolved_n_kv_heads, cfg.resolved_head_dim, cfg.d_model
         dt = DTYPES[cfg.dtype]
         init = normal(cfg.init_std)

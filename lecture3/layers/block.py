@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from lecture3.config import ModelConfig
 from lecture3.layers.attention import Attention
-from lecture3.layers.common import constrain, dropout
+from lecture3.layers.common import Inputs, constrain, dropout
 from lecture3.layers.mlp import MLP
 from lecture3.layers.norms import Norm
 
@@ -34,8 +34,7 @@ class Block(nn.Module):
     capture: tuple[str, ...] = ()
 
     @nn.compact
-    def __call__(self, x: jax.Array, q_idx: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
-                 rel_table: jax.Array | None = None, cache: dict | None = None) -> tuple[jax.Array, dict | None, dict]:
+    def __call__(self, x: jax.Array, inputs: Inputs, cache: dict | None = None) -> tuple[jax.Array, dict | None, dict]:
         cfg, deterministic = self.cfg, self.deterministic
         attn = Attention(cfg, self.window, capture=self.capture, name="attn")
         mlp = MLP(cfg, name="mlp")
@@ -46,7 +45,7 @@ class Block(nn.Module):
             return dropout(self, y, cfg.resid_dropout, deterministic)
 
         def run_attn(h):
-            return attn(h, q_idx, positions, segment_ids, rel_table, cache, deterministic)
+            return attn(h, inputs, cache, deterministic)
 
         if cfg.block == "parallel":
             h = Norm(cfg, name="attn_norm")(x)

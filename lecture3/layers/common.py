@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import math
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@flax.struct.dataclass
+class Inputs:
+    """What every layer of one forward reads besides the residual stream (built once by `Transformer`).
+
+    q_idx: int32[B, T], each token's place in the stream: the causal and window masks (the cache offset when
+        decoding). positions: int32[B, T], what the position encodings read (restarting per packed document).
+    segment_ids: int32[B, T] document ids, for `document_mask` (None: one document). rel_table: T5's relative
+    bias table [buckets, N], shared by all layers (None unless position="relative")."""
+
+    q_idx: jax.Array
+    positions: jax.Array
+    segment_ids: jax.Array | None = None
+    rel_table: jax.Array | None = None
+
+    def rows(self, lo: int, hi: int) -> Inputs:
+        """The inputs of batch rows lo..hi-1 (the shared table stays whole)."""
+        seg = None if self.segment_ids is None else self.segment_ids[lo:hi]
+        return self.replace(q_idx=self.q_idx[lo:hi], positions=self.positions[lo:hi], segment_ids=seg)
 
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...], init, dtype):
