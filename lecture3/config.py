@@ -45,11 +45,11 @@ KINDS: dict[str, str] = {
 }
 
 
-def option(default, kind: Kind, help: str, *, key_neutral: bool = False):
-    """A config field with its description in `metadata`. `key_neutral`: the field was added after run
-    records were first written, and at `default` (the code before it) it is left out of the experiment key."""
+def option(default, kind: Kind, help: str):
+    """A config field with its description in `metadata`: its kind and its one-line help. (A field added to a
+    config keeps the experiment records at its default without saying so: `experiment.key_fields`.)"""
     assert kind in KINDS and help, (kind, help)
-    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, "key_neutral": key_neutral})
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help})
 
 
 def arch(default, help: str):
@@ -57,9 +57,9 @@ def arch(default, help: str):
     return option(default, "architecture", help)
 
 
-def impl(default, help: str, *, key_neutral: bool = False):
+def impl(default, help: str):
     """A field that changes only how the same maths is computed (see `option`)."""
-    return option(default, "implementation", help, key_neutral=key_neutral)
+    return option(default, "implementation", help)
 
 
 def training(default, help: str):
@@ -182,9 +182,8 @@ class ModelConfig:
     attention_impl: AttentionImpl = impl(
         "dense", "how attention is computed, same maths: dense (T x S logits; a local layer's keys in blocks of "
         "its window), chunked (query and key chunks with an online softmax: memory bounded, long global layers), "
-        "cudnn (jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU, its XLA path elsewhere)",
-        key_neutral=True)
-    attention_chunk: int = impl(512, "chunked: queries and keys per chunk", key_neutral=True)
+        "cudnn (jax.nn.dot_product_attention: cuDNN's fused kernel on a GPU, its XLA path elsewhere)")
+    attention_chunk: int = impl(512, "chunked: queries and keys per chunk")
 
     # --- embeddings and head ---
     tie_embeddings: bool = arch(True, "head shares the embedding matrix (GPT-2, Gemma)")
@@ -434,7 +433,7 @@ class TrainConfig:
     loss_chunk: int | None = impl(
         None, "positions per chunk of the head and the loss terms that read logits, each chunk's logits recomputed "
               "in the backward pass: no [B, T, V] float32 logits or gradient held (cf. MaxText's vocabulary "
-              "tiling); None = all at once", key_neutral=True)
+              "tiling); None = all at once")
     log_per_layer: bool = training(False, "also log per-layer grad norm, update/param ratio and max attention logit")
     on_nonfinite: OnNonFinite = training("stop", "a NaN/Inf loss stops the run, or that update is skipped")
     seed: int = training(0, "the init key PRNGKey(seed) and the dropout key PRNGKey(seed + 1)")

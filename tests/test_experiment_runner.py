@@ -193,7 +193,7 @@ def test_worker_processes_record_each_run_with_its_own_command(tmp_path):
 
 
 def test_every_pooled_record_is_a_run_of_some_claims_grid():
-    """A config field added since (spec.ADDED_FIELDS, at its original value) keeps the records' keys: a
+    """A config field added since the keys were defined (at its default) keeps the records' keys: a
     committed record whose key no claim computes any more would be silently orphaned and rerun."""
     pool = runner.pool_dir()
     on_disk = {f.stem for f in pool.glob("*.json")} if pool.is_dir() else set()

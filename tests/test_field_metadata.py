@@ -1,4 +1,4 @@
-"""Each config field is described once (config.option: kind, help, key_neutral; choices in its Literal type),
+"""Each config field is described once (config.option: kind, help; choices in its Literal type),
 and what other modules used to list by hand is derived from that description."""
 
 import dataclasses
@@ -37,13 +37,30 @@ def test_runtime_fields_are_the_fields_that_are_not_architecture():
     assert set(RUNTIME_FIELDS) == names - set(fields_of_kind(ModelConfig, "architecture"))
 
 
-def test_experiment_key_neutral_fields_keep_their_values():
-    """Every record's key depends on these values: changing them orphans the committed records. A field added
-    later joins them (key_neutral=True, at its default)."""
-    pinned = {("model", "attention_impl"): "dense", ("model", "attention_chunk"): 512}
-    assert spec.ADDED_FIELDS.items() >= pinned.items()
-    for (section, name), value in spec.ADDED_FIELDS.items():
-        assert getattr(config_sections()[section](), name) == value
+def test_a_field_added_to_a_config_keeps_every_run_key_at_its_default():
+    """A new option (here a boolean architecture field, off by default) leaves every key alone while off, and is
+    in the key when on: the committed records stay the runs they are."""
+    from lecture3.config import Config, arch
+    from lecture3.experiment import protocol
+
+    @dataclasses.dataclass(frozen=True)
+    class WithOption(ModelConfig):
+        branch_scale: bool = arch(False, "a new option")
+
+    base = protocol.config(protocol.model_s(), lr=1e-3, seed=0)
+    plus = Config(**{**{f.name: getattr(base, f.name) for f in dataclasses.fields(Config)},
+                     "model": WithOption(**dataclasses.asdict(base.model))})
+    assert "branch_scale" in plus.to_dict()["model"]
+    assert spec.RunSpec(plus, tags={}).key == spec.RunSpec(base, tags={}).key
+    on = dataclasses.replace(plus, model=dataclasses.replace(plus.model, branch_scale=True))
+    assert spec.RunSpec(on, tags={}).key != spec.RunSpec(base, tags={}).key
+    assert spec.key_config(on)["model"]["branch_scale"] is True
+
+
+def test_the_fields_added_since_the_keys_were_defined_keep_their_defaults():
+    """Every record's key depends on these values: changing a default here orphans the committed records."""
+    pinned = {("model", "attention_impl"): "dense", ("model", "attention_chunk"): 512, ("train", "loss_chunk"): None}
+    assert spec.added_fields(Config()) == pinned
 
 
 @pytest.mark.parametrize("name", literal_fields(ModelConfig))

@@ -34,7 +34,7 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
 def _described(default, kind: str, help: str):
     """A field described as `lecture3.config.option` describes one (that module imports this one, so the few
     data fields build the same metadata here): its kind and its one-line help."""
-    return dataclasses.field(default=default, metadata={"kind": kind, "help": help, "key_neutral": False})
+    return dataclasses.field(default=default, metadata={"kind": kind, "help": help})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,25 +22,33 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lecture3.config import Config, config_sections
+from lecture3.config import Config
 from lecture3.experiment import stats
+from lecture3.experiment.key_fields import KEY_FIELDS
 
 RECORD_VERSION = 2  # bump when a change to the harness changes what a record holds or means (2: protocol v2,
 # its data pipeline: rows drawn from the whole training split, the whole validation split)
-# Config fields added after records were first written, with the value that is the code before them: a
-# field at that value is left out of the key, so adding it keeps the records of the runs it does not
-# change; any other value is in the key. Only for implementation choices that leave the maths unchanged:
-# the fields config.py describes with `key_neutral=True` (model.attention_impl "dense", attention_chunk 512).
-ADDED_FIELDS = {(section, f.name): f.default for section, cls in config_sections().items()
-                for f in dataclasses.fields(cls) if f.metadata.get("key_neutral")}
+
+
+def _default(f: dataclasses.Field):
+    value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def added_fields(config: Config) -> dict[tuple[str, str], Any]:
+    """The fields of `config`'s sections added since the keys were defined (`key_fields.KEY_FIELDS`), each with
+    its default: at that value a field is left out of the key."""
+    return {(section, f.name): _default(f) for section in KEY_FIELDS
+            for f in dataclasses.fields(getattr(config, section)) if f.name not in KEY_FIELDS[section]}
 
 
 def key_config(config: Config) -> dict:
-    """The config as the key sees it: `to_dict()` without the `ADDED_FIELDS` at their original value."""
+    """The config as the key sees it: `to_dict()` without the fields added since the keys were defined, while
+    they hold their defaults (the maths of every earlier record)."""
     d = config.to_dict()
-    for (section, name), value in ADDED_FIELDS.items():
-        if d.get(section, {}).get(name, value) == value:
-            d.get(section, {}).pop(name, None)
+    for (section, name), value in added_fields(config).items():
+        if d[section].get(name, value) == value:
+            d[section].pop(name, None)
     return d
 
 
