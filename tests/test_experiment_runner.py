@@ -204,12 +204,13 @@ def test_every_pooled_record_is_a_run_of_some_claims_grid():
 
 def test_an_added_field_at_its_original_value_leaves_the_key_alone():
     from lecture3.experiment import protocol, spec
+    from lecture3.experiment.key_fields import KEY_FIELDS
 
     run = spec.RunSpec(protocol.config(protocol.model_s(), lr=1e-3, seed=0), tags={})
-    d = run.config.to_dict()
-    assert spec.key_config(run.config) == {**d, "model": {k: v for k, v in d["model"].items()
-                                                          if k not in ("attention_impl", "attention_chunk")},
-                                           "train": {k: v for k, v in d["train"].items() if k != "loss_chunk"}}
+    d, key = run.config.to_dict(), spec.key_config(run.config)
+    assert {section: tuple(fields) for section, fields in key.items()} == KEY_FIELDS  # the fields of that day
+    assert all(key[section][name] == d[section][name] for section, names in KEY_FIELDS.items() for name in names)
+    assert not {"attention_impl", "attention_chunk"} & set(key["model"]) and "loss_chunk" not in key["train"]
     chunked = spec.RunSpec(run.config.replace(**{"model.attention_impl": "chunked"}), tags={})
     assert chunked.key != run.key and "attention_impl" in spec.key_config(chunked.config)["model"]
 

@@ -60,7 +60,7 @@ def test_a_field_added_to_a_config_keeps_every_run_key_at_its_default():
 def test_the_fields_added_since_the_keys_were_defined_keep_their_defaults():
     """Every record's key depends on these values: changing a default here orphans the committed records."""
     pinned = {("model", "attention_impl"): "dense", ("model", "attention_chunk"): 512, ("train", "loss_chunk"): None}
-    assert spec.added_fields(Config()) == pinned
+    assert spec.added_fields(Config()).items() >= pinned.items()  # a field added later joins them
 
 
 @pytest.mark.parametrize("name", literal_fields(ModelConfig))
