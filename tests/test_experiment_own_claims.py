@@ -299,6 +299,7 @@ def test_a_claim_of_your_own_from_a_non_editable_install(tmp_path):
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(ROOT)],
                    check=True, capture_output=True, timeout=600)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+    env.pop("PYTHONPATH", None)  # a new user's shell: lecture3 comes from the venv, never from a checkout on the path
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     work, other = tmp_path / "work", tmp_path / "other"
     work.mkdir()
