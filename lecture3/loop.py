@@ -347,15 +347,12 @@ def _history(cfg: Config, workdir: Path | None, start: int) -> History:
 
 
 def _throughput(cfg: Config, echo) -> meter.Throughput:
-    from lecture3 import accounting
-
-    mcfg, tcfg = cfg.model, cfg.train
-    peak = meter.peak_flops_per_device(tcfg.peak_tflops, mcfg.dtype)
-    if peak is None and jax.process_index() == 0:
-        echo(f"note: no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind!r} in {mcfg.dtype} is not "
-             f"known; pass --train.peak-tflops N (its dense {mcfg.dtype} peak per device) to report it")
-    flops = accounting.flops_per_token(mcfg, cfg.data.seq_len)["training"]
-    return meter.Throughput(tcfg.batch_size * cfg.data.seq_len, flops, peak, jax.device_count())
+    clock = meter.Throughput.for_run(cfg, jax.device_count())
+    if clock.peak is None and jax.process_index() == 0:
+        dtype = cfg.model.dtype
+        echo(f"note: no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind!r} in {dtype} is not "
+             f"known; pass --train.peak-tflops N (its dense {dtype} peak per device) to report it")
+    return clock
 
 
 def _ask(callbacks: Sequence[Callback], record: dict, done: int) -> str | None:

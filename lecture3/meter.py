@@ -112,6 +112,16 @@ class Throughput:
         self.devices, self.members = devices, members
         self.t_last, self.tokens = None, 0
 
+    @classmethod
+    def for_run(cls, cfg, devices: int, members: int = 1) -> Throughput:
+        """The clock of a run of `cfg` (a `Config`) on `devices`: its tokens per step, training FLOPs per token
+        (`accounting`) and the device's peak (`peak_flops_per_device`)."""
+        from lecture3 import accounting
+
+        flops = accounting.flops_per_token(cfg.model, cfg.data.seq_len)["training"]
+        peak = peak_flops_per_device(cfg.train.peak_tflops, cfg.model.dtype)
+        return cls(cfg.train.batch_size * cfg.data.seq_len, flops, peak, devices, members)
+
     @property
     def started(self) -> bool:
         """Whether the first step of this process has been timed (its end starts the clock)."""

@@ -382,8 +382,6 @@ def train(base: Config, members: Sequence[Mapping[str, Any]], *, data: loop.Batc
     `lecture3.train` does. `tokens_per_s` in a record is one member's (the population's is P times it); `mfu`
     is the population's. No workdir: nothing is checkpointed or written.
     """
-    from lecture3 import accounting
-
     base = base if progress is None else base.replace(**{"train.progress": bool(progress)})
     configs = member_configs(base, members)
     _check_population(base, configs, data)
@@ -395,10 +393,7 @@ def train(base: Config, members: Sequence[Mapping[str, Any]], *, data: loop.Batc
     evaluate = _evaluator(base, mesh, val, n)
     batch_sharding = NamedSharding(mesh, P() if shared else P(AXIS))
     pstate = init_population(base, configs, mesh)
-    clock = meter.Throughput(tcfg.batch_size * base.data.seq_len,
-                             accounting.flops_per_token(base.model, base.data.seq_len)["training"],
-                             meter.peak_flops_per_device(tcfg.peak_tflops, base.model.dtype),
-                             len(mesh.devices.flat), members=n)
+    clock = meter.Throughput.for_run(base, len(mesh.devices.flat), members=n)
     histories, loss_meter = [loop.History() for _ in range(n)], meter.LossMeter()
     bar, stopped, done = training.progress_bar(tcfg, f"population of {n}"), None, 0
     try:

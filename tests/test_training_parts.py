@@ -67,3 +67,14 @@ def test_a_clock_without_a_known_peak_reports_tokens_but_no_mfu(monkeypatch):
     now[0] += 2.0
     clock.step({})
     assert clock.rates() == (4.0, None)
+
+
+def test_a_runs_clock_reads_its_tokens_flops_and_configured_peak_from_the_config():
+    from lecture3 import accounting
+    from lecture3.config import Config
+
+    cfg = Config().replace(**{"train.peak_tflops": 2.0, "train.batch_size": 4})
+    clock = meter.Throughput.for_run(cfg, devices=2, members=3)
+    assert clock.tokens_per_step == 4 * cfg.data.seq_len and clock.peak == 2e12
+    assert clock.flops_per_token == accounting.flops_per_token(cfg.model, cfg.data.seq_len)["training"]
+    assert (clock.devices, clock.members) == (2, 3)
