@@ -346,15 +346,6 @@ def _history(cfg: Config, workdir: Path | None, start: int) -> History:
     return history
 
 
-def _throughput(cfg: Config, echo) -> meter.Throughput:
-    clock = meter.Throughput.for_run(cfg, jax.device_count())
-    if clock.peak is None and jax.process_index() == 0:
-        dtype = cfg.model.dtype
-        echo(f"note: no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind!r} in {dtype} is not "
-             f"known; pass --train.peak-tflops N (its dense {dtype} peak per device) to report it")
-    return clock
-
-
 def _ask(callbacks: Sequence[Callback], record: dict, done: int) -> str | None:
     """Each callback sees the record; why the first that returned a true value stops the run, else None."""
     stops = [c for c in callbacks if c(dict(record))]
@@ -385,7 +376,7 @@ def train(config: Config, *, data: Batches | None = None, workdir: str | os.Path
     ckpt = Checkpointer(workdir, tcfg.keep_checkpoints) if workdir is not None else None
     state, start = _initial_state(cfg, program, ckpt, source, echo, workdir)
     history = _history(cfg, workdir, start)
-    clock, loss_meter = _throughput(cfg, echo), meter.LossMeter()
+    clock, loss_meter = training.clock(cfg, jax.device_count(), echo), meter.LossMeter()
     guard, sinks = _FiniteGuard(tcfg.on_nonfinite == "stop", ckpt), _Sinks(cfg, workdir, history, start)
     stopped, done = None, start
     try:

@@ -393,7 +393,7 @@ def train(base: Config, members: Sequence[Mapping[str, Any]], *, data: loop.Batc
     evaluate = _evaluator(base, mesh, val, n)
     batch_sharding = NamedSharding(mesh, P() if shared else P(AXIS))
     pstate = init_population(base, configs, mesh)
-    clock = meter.Throughput.for_run(base, len(mesh.devices.flat), members=n)
+    clock = training.clock(base, len(mesh.devices.flat), echo, members=n)
     histories, loss_meter = [loop.History() for _ in range(n)], meter.LossMeter()
     bar, stopped, done = training.progress_bar(tcfg, f"population of {n}"), None, 0
     try:

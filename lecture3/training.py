@@ -13,10 +13,11 @@ import math
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 from lecture3 import data as dataio
-from lecture3 import diagnostics
+from lecture3 import diagnostics, meter
 from lecture3.config import Config, TrainConfig
 
 Batches = Iterable[Mapping[str, Any]]
@@ -86,6 +87,17 @@ def due(tcfg: TrainConfig, done: int, checkpoints: bool = False) -> Due:
     last = done == tcfg.steps
     return Due(log=done % tcfg.log_every == 0 or last, eval=done % tcfg.eval_every == 0 or last,
                save=checkpoints and (done % tcfg.checkpoint_every == 0 or last))
+
+
+def clock(cfg: Config, devices: int, echo, members: int = 1) -> meter.Throughput:
+    """The run's tokens/s and MFU clock; says once (process 0) why there is no MFU when the device's peak is
+    unknown, and how to give it."""
+    throughput = meter.Throughput.for_run(cfg, devices, members)
+    if throughput.peak is None and jax.process_index() == 0:
+        dtype = cfg.model.dtype
+        echo(f"note: no MFU: the peak FLOP/s of a {jax.devices()[0].device_kind!r} in {dtype} is not "
+             f"known; pass --train.peak-tflops N (its dense {dtype} peak per device) to report it")
+    return throughput
 
 
 def log_record(done: int, values: Mapping[str, Any], rate: float | None, mfu: float | None) -> dict:

@@ -160,3 +160,18 @@ def test_member_axis_is_split_over_devices():
     n = len(jax.devices())  # 8 simulated CPU devices (conftest)
     assert population.make_mesh(4).devices.size == min(4, n)
     assert population.make_mesh(3).devices.size == np.gcd(3, n)
+
+
+def test_both_loops_say_why_they_report_no_mfu(base, monkeypatch):
+    """A device whose peak is unknown: the population says so, as `lecture3.train` does (one line, once)."""
+    from lecture3 import meter
+
+    monkeypatch.setattr(meter, "peak_flops_per_device", lambda *a, **k: None)
+    short = base.replace(**{"train.steps": 2, "train.eval_every": 2})
+    said = {"solo": [], "population": []}
+    lecture3.train(short, echo=said["solo"].append)
+    runs = population.train(short, MEMBERS[:2], echo=said["population"].append)
+    for loop_name, lines in said.items():
+        notes = [line for line in lines if line.startswith("note: no MFU")]
+        assert len(notes) == 1 and "--train.peak-tflops" in notes[0], (loop_name, lines)
+    assert all(r["mfu"] is None for run in runs for r in run.history if "mfu" in r)
