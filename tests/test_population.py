@@ -89,8 +89,15 @@ def test_traced_schedule_is_bit_identical_to_the_solo_schedule(kind, full_xla_op
 # of each comparison are compiled alike)
 @pytest.mark.slow
 @pytest.mark.usefixtures("little_xla_optimisation")
-def test_each_member_equals_its_config_trained_alone(base, solo):
-    runs = population.train(base, MEMBERS)
+def test_each_member_equals_its_config_trained_alone(base, solo, monkeypatch):
+    from lecture3 import meter
+
+    monkeypatch.setattr(meter, "peak_flops_per_device", lambda *a, **k: None)  # a device of unknown peak
+    said = []
+    runs = population.train(base, MEMBERS, echo=said.append)
+    notes = [line for line in said if line.startswith("note: no MFU")]  # said once, as lecture3.train does
+    assert len(notes) == 1 and "--train.peak-tflops" in notes[0], said
+    assert all(r["mfu"] is None for run in runs for r in run.history if "mfu" in r)
     assert [r.overrides for r in runs] == MEMBERS and all(r.diverged_at is None for r in runs)
     for run, overrides in zip(runs, MEMBERS, strict=True):
         assert run.config == base.replace(**overrides)
@@ -161,17 +168,3 @@ def test_member_axis_is_split_over_devices():
     assert population.make_mesh(4).devices.size == min(4, n)
     assert population.make_mesh(3).devices.size == np.gcd(3, n)
 
-
-def test_both_loops_say_why_they_report_no_mfu(base, monkeypatch):
-    """A device whose peak is unknown: the population says so, as `lecture3.train` does (one line, once)."""
-    from lecture3 import meter
-
-    monkeypatch.setattr(meter, "peak_flops_per_device", lambda *a, **k: None)
-    short = base.replace(**{"train.steps": 2, "train.eval_every": 2})
-    said = {"solo": [], "population": []}
-    lecture3.train(short, echo=said["solo"].append)
-    runs = population.train(short, MEMBERS[:2], echo=said["population"].append)
-    for loop_name, lines in said.items():
-        notes = [line for line in lines if line.startswith("note: no MFU")]
-        assert len(notes) == 1 and "--train.peak-tflops" in notes[0], (loop_name, lines)
-    assert all(r["mfu"] is None for run in runs for r in run.history if "mfu" in r)

@@ -78,3 +78,15 @@ def test_a_runs_clock_reads_its_tokens_flops_and_configured_peak_from_the_config
     assert clock.tokens_per_step == 4 * cfg.data.seq_len and clock.peak == 2e12
     assert clock.flops_per_token == accounting.flops_per_token(cfg.model, cfg.data.seq_len)["training"]
     assert (clock.devices, clock.members) == (2, 3)
+
+
+def test_a_runs_clock_says_once_why_there_is_no_mfu_and_nothing_when_the_peak_is_known(monkeypatch):
+    from lecture3 import training
+    from lecture3.config import Config
+
+    said = []
+    monkeypatch.setattr(meter, "peak_flops_per_device", lambda *a, **k: None)
+    assert training.clock(Config(), devices=1, echo=said.append).peak is None
+    assert len(said) == 1 and said[0].startswith("note: no MFU") and "--train.peak-tflops N" in said[0]
+    monkeypatch.setattr(meter, "peak_flops_per_device", lambda *a, **k: 5e12)
+    assert training.clock(Config(), devices=1, echo=said.append).peak == 5e12 and len(said) == 1
