@@ -140,3 +140,15 @@ def test_the_summary_is_a_forest_plot_of_every_comparison(tmp_path):
     path = report.summary([(CLAIM, results()), (other, results()), (CLAIM, results(drop=2))], tmp_path / "s.png")
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
     assert report.summary([], tmp_path / "empty.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_key_comparison_is_the_one_that_decides_the_verdict():
+    """The README table's comparison: the first that did not pass, in the first criterion that did not pass;
+    the first comparison of all only when every criterion passed."""
+    deciding = report.judged(CLAIM, results(gap=-0.2))  # (a) better passes, (b) equivalent within 1% fails
+    assert [c.outcome for c in deciding] == ["pass", "fail"]
+    assert report.key_comparison(deciding).startswith("(b) ") and report.key_comparison(deciding).endswith(": fail")
+    passing = [deciding[0], deciding[0]]
+    assert report.key_comparison(passing) == report.key_comparison(deciding[:1])
+    assert report.key_comparison(passing).startswith("(a) ") and report.key_comparison(passing).endswith(": pass")
+    assert report.key_comparison(report.judged(CLAIM, results(drop=16))) == ""  # nothing judged yet

@@ -77,13 +77,18 @@ def verdict_line(claim: Claim, results: Results, refs: dict | None, quick: bool 
 
 
 def key_comparison(criteria: Sequence[Criterion]) -> str:
-    """The first comparison of a claim's criteria, compactly, with its CI ("" while none is judged)."""
-    for c in criteria:
-        for _, p in c.comparisons:
-            lo, hi = p.ci
-            rel = "" if math.isnan(p.relative) else f", {100 * p.relative:+.1f}%"
-            return f"{c.name} {p.label}: {p.d:+.4f} {p.unit} [{lo:+.4f}, {hi:+.4f}{rel}]: {p.outcome}"
-    return ""
+    """The comparison that decides the verdict, compactly, with its CI: in the first criterion that did not
+    pass, its first comparison that did not pass (else its first); when every criterion passed, the first
+    comparison ("" while none is judged)."""
+    judged = [c for c in criteria if c.comparisons]
+    open_ = [c for c in judged if c.outcome != "pass"]
+    if not judged:
+        return ""
+    c = (open_ or judged)[0]
+    p = next((p for _, p in c.comparisons if p.outcome != "pass"), c.comparisons[0][1])
+    lo, hi = p.ci
+    rel = "" if math.isnan(p.relative) else f", {100 * p.relative:+.1f}%"
+    return f"{c.name} {p.label}: {p.d:+.4f} {p.unit} [{lo:+.4f}, {hi:+.4f}{rel}]: {p.outcome}"
 
 
 def _arm(tags: dict) -> tuple:
