@@ -167,4 +167,3 @@ def test_member_axis_is_split_over_devices():
     n = len(jax.devices())  # 8 simulated CPU devices (conftest)
     assert population.make_mesh(4).devices.size == min(4, n)
     assert population.make_mesh(3).devices.size == np.gcd(3, n)
-

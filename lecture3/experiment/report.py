@@ -77,14 +77,14 @@ def verdict_line(claim: Claim, results: Results, refs: dict | None, quick: bool 
 
 
 def key_comparison(criteria: Sequence[Criterion]) -> str:
-    """The comparison that decides the verdict, compactly, with its CI: in the first criterion that did not
-    pass, its first comparison that did not pass (else its first); when every criterion passed, the first
-    comparison ("" while none is judged)."""
+    """The comparison that decides the verdict, compactly, with its CI: among the criteria with comparisons,
+    the first that did not pass (else the first), and in it the first comparison that did not pass (else its
+    first). "" while no comparison is judged. A criterion without comparisons (a deterministic check) has
+    none to show."""
     judged = [c for c in criteria if c.comparisons]
-    open_ = [c for c in judged if c.outcome != "pass"]
     if not judged:
         return ""
-    c = (open_ or judged)[0]
+    c = next((c for c in judged if c.outcome != "pass"), judged[0])
     p = next((p for _, p in c.comparisons if p.outcome != "pass"), c.comparisons[0][1])
     lo, hi = p.ci
     rel = "" if math.isnan(p.relative) else f", {100 * p.relative:+.1f}%"
