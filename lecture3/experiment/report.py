@@ -77,14 +77,16 @@ def verdict_line(claim: Claim, results: Results, refs: dict | None, quick: bool 
 
 
 def key_comparison(criteria: Sequence[Criterion]) -> str:
-    """The comparison that decides the verdict, compactly, with its CI: among the criteria with comparisons,
-    the first that did not pass (else the first), and in it the first comparison that did not pass (else its
-    first). "" while no comparison is judged. A criterion without comparisons (a deterministic check) has
-    none to show."""
-    judged = [c for c in criteria if c.comparisons]
-    if not judged:
+    """The comparison that decides the verdict, compactly, with its CI: the first judged criterion that did
+    not pass (else the first with comparisons), and in it the first comparison that did not pass (else its
+    first). A deterministic criterion (no comparisons) shows the first clause of its measured detail
+    instead. "" while nothing is judged."""
+    judged = [c for c in criteria if c.outcome is not None]
+    c = next((c for c in judged if c.outcome != "pass"), None) or next((c for c in judged if c.comparisons), judged[0] if judged else None)
+    if c is None:
         return ""
-    c = next((c for c in judged if c.outcome != "pass"), judged[0])
+    if not c.comparisons:
+        return f"{c.name} {c.detail.split(';')[0]}: {c.outcome}"
     p = next((p for _, p in c.comparisons if p.outcome != "pass"), c.comparisons[0][1])
     lo, hi = p.ci
     rel = "" if math.isnan(p.relative) else f", {100 * p.relative:+.1f}%"
