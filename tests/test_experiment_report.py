@@ -155,3 +155,12 @@ def test_the_key_comparison_is_the_one_that_decides_the_verdict():
     count = judge.criterion("(c)", "|log Z| < 1 in every run", judge.check(False, "largest |log Z| 9.2; seed 0: 9.1"))
     assert report.key_comparison([deciding[0], count, deciding[1]]) == "(c) largest |log Z| 9.2: fail"  # decided by a count
     assert report.key_comparison([judge.criterion("(c)", "a count", judge.check(True, "3 of 4"))]) == "(c) 3 of 4: pass"
+
+
+def test_a_detail_that_several_comparisons_share_is_printed_once():
+    """(c) of claim 8 compares three shapes with the same best shape: the report names it once."""
+    res = results()
+    parts = [judge.compare(res, {"arm": "new", "lr": lr}, {"arm": "base", "lr": lr}, "better") for lr in LRS]
+    combined = judge.all_of([(o, f"best base; {d}", comps) for o, d, comps in parts])
+    line = report.criterion_lines(judge.criterion("(c)", "each lr better", combined), quick=False)[0]
+    assert line == "- (c) each lr better: **pass**. best base"

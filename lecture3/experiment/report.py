@@ -188,7 +188,7 @@ def _rest_of_detail(c: Criterion) -> str:
     rest = c.detail
     for _, p in c.comparisons:
         rest = rest.replace(str(p), "")
-    return "; ".join(part.strip(" ;") for part in rest.split(";") if part.strip(" ;"))
+    return "; ".join(dict.fromkeys(part.strip(" ;") for part in rest.split(";") if part.strip(" ;")))  # each once
 
 
 def criterion_lines(c: Criterion, quick: bool) -> list[str]:
