@@ -153,7 +153,7 @@ def test_the_key_comparison_is_the_one_that_decides_the_verdict():
     assert report.key_comparison(passing).startswith("(a) ") and report.key_comparison(passing).endswith(": pass")
     assert report.key_comparison(report.judged(CLAIM, results(drop=16))) == ""  # nothing judged yet
     count = judge.criterion("(c)", "|log Z| < 1 in every run", judge.check(False, "largest |log Z| 9.2; seed 0: 9.1"))
-    assert report.key_comparison([deciding[0], count, deciding[1]]) == "(c) largest |log Z| 9.2: fail"  # decided by a count
+    assert report.key_comparison([deciding[0], count, deciding[1]]) == "(c) largest |log Z| 9.2: fail"  # by a count
     assert report.key_comparison([judge.criterion("(c)", "a count", judge.check(True, "3 of 4"))]) == "(c) 3 of 4: pass"
 
 

@@ -82,9 +82,9 @@ def key_comparison(criteria: Sequence[Criterion]) -> str:
     first). A deterministic criterion (no comparisons) shows the first clause of its measured detail
     instead. "" while nothing is judged."""
     judged = [c for c in criteria if c.outcome is not None]
-    c = next((c for c in judged if c.outcome != "pass"), None) or next((c for c in judged if c.comparisons), judged[0] if judged else None)
-    if c is None:
+    if not judged:
         return ""
+    c = next((c for c in judged if c.outcome != "pass"), None) or next((c for c in judged if c.comparisons), judged[0])
     if not c.comparisons:
         return f"{c.name} {c.detail.split(';')[0]}: {c.outcome}"
     p = next((p for _, p in c.comparisons if p.outcome != "pass"), c.comparisons[0][1])
