@@ -84,7 +84,7 @@ def key_comparison(criteria: Sequence[Criterion]) -> str:
     judged = [c for c in criteria if c.outcome is not None]
     if not judged:
         return ""
-    c = next((c for c in judged if c.outcome != "pass"), None) or next((c for c in judged if c.comparisons), judged[0])
+    c = ([c for c in judged if c.outcome != "pass"] or [c for c in judged if c.comparisons] or judged)[0]
     if not c.comparisons:
         return f"{c.name} {c.detail.split(';')[0]}: {c.outcome}"
     p = next((p for _, p in c.comparisons if p.outcome != "pass"), c.comparisons[0][1])
