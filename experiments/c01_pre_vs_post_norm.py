@@ -63,6 +63,11 @@ def _ratio(results, norm: str) -> tuple[float, list[float]] | None:
     return per_layer[-1] / per_layer[0], per_layer
 
 
+def _sig(values: list[float]) -> str:
+    """Per-layer norms to 3 significant figures: post-norm's are ~1e-3, which 3 decimals would flatten."""
+    return "[" + ", ".join(f"{x:.3g}" for x in values) + "]"
+
+
 def crit_a(results):
     post, pre = _ratio(results, "post"), _ratio(results, "pre")
     if post is None or pre is None:
@@ -70,7 +75,7 @@ def crit_a(results):
     lo, hi = RATIO_PRE
     return judge.check(post[0] >= RATIO_POST_MIN and lo <= pre[0] <= hi,
                        f"last/first: post {post[0]:.2f}, pre {pre[0]:.2f}; per layer post "
-                       f"{[round(x, 3) for x in post[1]]}, pre {[round(x, 3) for x in pre[1]]}")
+                       f"{_sig(post[1])}, pre {_sig(pre[1])}")
 
 
 def crit_b(results):
