@@ -406,8 +406,8 @@ def forest(rows: Sequence[tuple[str, stats.Paired]], path: Path, title: str = ""
         colour = OUTCOME_COLOURS[p.outcome]
         lo, hi = p.ci
         if math.isnan(p.relative):
-            ax.text(0, i, f"  {p.d:+.4f} {p.unit} [{lo:+.4f}, {hi:+.4f}]: {p.outcome} (no reference)",
-                    va="center", fontsize=7, color=colour)
+            ax.text(0.5, i, f"{p.d:+.4f} {p.unit} [{lo:+.4f}, {hi:+.4f}]: {p.outcome} (no reference)",
+                    transform=ax.get_yaxis_transform(), ha="center", va="center", fontsize=7, color=colour)
             continue
         k = 100 / abs(p.reference)
         ax.errorbar(p.d * k, i, xerr=[[(p.d - lo) * k], [(hi - p.d) * k]], fmt="o", color=colour, capsize=3, ms=4)
