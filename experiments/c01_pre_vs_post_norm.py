@@ -114,8 +114,7 @@ def criteria(results):
 
 def plots(results, folder):
     figs = []
-    plt = report._plt()
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig, ax = report.figure(figsize=(5, 3.4))
     for norm in NORMS:
         r = _ratio(results, norm)
         if r is not None:

@@ -199,15 +199,10 @@ def _window_points(results):
 
 
 def plots(results, folder):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts = _window_points(results)
     if not pts:
         return []
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = report.figure(figsize=(5.5, 3.6))
     ws = sorted(pts)
     ax.plot(ws, [stats.mean(pts[w]) for w in ws], marker="o", label="full-attention model, evaluated at window")
     for w in ws:

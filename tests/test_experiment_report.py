@@ -142,6 +142,21 @@ def test_the_summary_is_a_forest_plot_of_every_comparison(tmp_path):
     assert report.summary([], tmp_path / "empty.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_report_leaves_the_matplotlib_backend_of_its_process_alone(tmp_path):
+    """A notebook that draws a report keeps its own backend (inline, say): the plots are drawn without pyplot."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        assert report.summary([(CLAIM, results())], tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+        report.bars(["a", "b"], [[1.0, 2.0], [3.0]], tmp_path, "b.png", "ms")
+        assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+        assert matplotlib.get_backend().lower() == "pdf"
+    finally:
+        matplotlib.use(before)
+
+
 def test_the_key_comparison_is_the_one_that_decides_the_verdict():
     """The README table's comparison: the first that did not pass, in the first criterion that did not pass;
     the first comparison of all only when every criterion passed."""

@@ -281,19 +281,18 @@ def write(claim: Claim, results: Results, folder: Path, refs: dict | None, *, sc
 # ---------------------------------------------------------------- plots
 
 
-def _plt():
-    import matplotlib
+def figure(figsize: tuple[float, float]):
+    """A figure and its axes, drawn off-screen without pyplot: a report never switches the matplotlib backend
+    of the process it runs in, so a notebook that builds one keeps showing its own plots."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots()
 
 
 def save(fig, folder: Path, name: str) -> str:
     fig.tight_layout()
     fig.savefig(folder / name, dpi=80)
-    _plt().close(fig)
     return name
 
 
@@ -301,8 +300,7 @@ def loss_vs_lr(results: Results, folder: Path, name: str, arm: str = "arm", titl
                key: str = "final_loss", ylabel: str = "final val loss (diverged = ln V)", log_y: bool = False,
                **tags) -> tuple[str, str]:
     """Mean (and each seed) of `key` against the LR, one line per value of the tag `arm`."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = figure(figsize=(5.5, 3.6))
     for value in results.tag_values(arm, **tags):
         lrs = results.tag_values("lr", **{arm: value, **tags})
         pts = [(lr, v) for lr in lrs for v in _probe_or(results, key, lr=lr, **{arm: value, **tags})]
@@ -335,8 +333,7 @@ def _probe_or(results: Results, key: str, **tags) -> list[float]:
 def curves(results: Results, folder: Path, name: str, key: str = "loss", arm: str = "arm", title: str = "",
            log_y: bool = False, **tags) -> tuple[str, str]:
     """`key` over steps (mean over seeds at each logged step), one line per value of `arm`."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = figure(figsize=(5.5, 3.6))
     for value in results.tag_values(arm, **tags):
         by_step: dict[int, list] = {}
         for _, rec in results.select(**{arm: value, **tags}):
@@ -358,8 +355,7 @@ def curves(results: Results, folder: Path, name: str, key: str = "loss", arm: st
 def bars(labels: Sequence[str], values: Sequence[Sequence[float]], folder: Path, name: str, ylabel: str,
          title: str = "") -> tuple[str, str]:
     """Mean ± std bars with the per-seed points."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(labels) + 1.5), 3.6))
+    fig, ax = figure(figsize=(max(4.0, 0.8 * len(labels) + 1.5), 3.6))
     for i, vs in enumerate(values):
         if vs:
             ax.bar(i, stats.mean(vs), yerr=stats.std(vs), color="C0", alpha=0.6, capsize=3)
@@ -396,10 +392,9 @@ def forest(rows: Sequence[tuple[str, stats.Paired]], path: Path, title: str = ""
     """A forest plot of paired comparisons: each d and its 95% CI relative to mean(B) (in %), the margin
     of its statement drawn as grey ticks, coloured by outcome. A comparison without a reference (a per-seed
     quantity against 0) is written out in its own unit instead."""
-    plt = _plt()
     labels = [label if len(label) <= 80 else label[:79] + "…" for label, _ in rows]
     height = 1.4 + 0.3 * max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(12, height))
+    fig, ax = figure(figsize=(12, height))
     fig.subplots_adjust(left=min(0.55, 0.06 + 0.0058 * max(map(len, labels), default=0)), right=0.97,
                         top=1 - 0.45 / height, bottom=0.75 / height)
     for i, (_, p) in enumerate(rows):
@@ -427,5 +422,4 @@ def forest(rows: Sequence[tuple[str, stats.Paired]], path: Path, title: str = ""
     ax.set_title(title, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path
