@@ -37,13 +37,14 @@ class TrainingError(Lecture3Error, RuntimeError):
 def init_distributed(cfg: Config) -> None:
     """jax.distributed from explicit flags, or auto-detected on a TPU pod / SLURM job."""
     d = cfg.dist
-    if jax.distributed.is_initialized():
-        return
+    detected = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",")
+    if jax.distributed.is_initialized() or (d.coordinator_address is None and not detected):
+        return  # one process: nothing to join, and none of the process's jax settings is touched
     # CPU processes need a collectives backend to talk to each other; accelerators ignore this
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if d.coordinator_address is not None:
         jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","):
+    else:
         jax.distributed.initialize()
 
 

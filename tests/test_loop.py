@@ -286,3 +286,16 @@ def test_config_json_states_the_numerical_environment(tmp_path):
     history = (tmp_path / "run" / "config-history.jsonl").read_text().splitlines()
     assert json.loads(history[-1])["environment"] == env
     assert lecture3.load_run(tmp_path / "run").config == cfg  # the extra key does not disturb reading it back
+
+
+def test_a_single_process_run_leaves_the_process_jax_settings_alone(monkeypatch):
+    """`lecture3.train` in a notebook joins no cluster, so it must not set the user's CPU collectives."""
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES", raising=False)
+    before = jax.config.jax_cpu_collectives_implementation
+    jax.config.update("jax_cpu_collectives_implementation", "mpi")
+    try:
+        loop.init_distributed(lecture3.Config())
+        assert jax.config.jax_cpu_collectives_implementation == "mpi"
+    finally:
+        jax.config.update("jax_cpu_collectives_implementation", before)
